@@ -1,0 +1,177 @@
+"""Typed configuration schema for every stage, registered in Hydra's ConfigStore.
+
+OmegaConf checks keys and types when YAML is merged into these dataclasses; ranges and names
+are checked in ``__post_init__``, which runs when a stage calls :func:`to_object`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from probe.errors import ConfigError
+
+
+def closest(name: str, allowed) -> str:
+    """`` (did you mean 'x'?)`` for the closest allowed name, or an empty string."""
+    match = difflib.get_close_matches(str(name), [str(a) for a in allowed], n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def check_choice(key: str, value: Any, allowed) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        shown = ", ".join(map(str, allowed[:12])) + (", ..." if len(allowed) > 12 else "")
+        raise ConfigError(f"{key}: '{value}' is not allowed{closest(value, allowed)}; allowed: {shown}")
+
+
+def check_range(key: str, value, low=None, high=None, low_open=False) -> None:
+    if value is None:
+        return
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"{key}: {value} is out of range; must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: {value} is out of range; must be <= {high}")
+
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    root: str = "data"  # where torchvision datasets and image folders live
+    download: bool = False  # torchvision datasets only: fetch when missing
+    image_size: int = 32  # images are resized to image_size x image_size
+    channels: Optional[int] = None  # None: what the model expects
+    normalize: str = "dataset"  # dataset (train-split mean/std) | imagenet | none
+    split_seed: int = 0  # the train/val/test split and the probe images depend on this only
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    batch_size: int = 64
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("data.name", self.name, DATASETS)
+        check_choice("data.normalize", self.normalize, ("dataset", "imagenet", "none"))
+        check_range("data.image_size", self.image_size, 8)
+        if self.channels is not None:
+            check_choice("data.channels", self.channels, (1, 3))
+        check_range("data.val_fraction", self.val_fraction, 0.0, 0.5, low_open=True)
+        check_range("data.test_fraction", self.test_fraction, 0.0, 0.5, low_open=True)
+        check_range("data.batch_size", self.batch_size, 1)
+        check_range("data.num_workers", self.num_workers, 0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet5"
+    # torchvision weights name ("DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1")
+    # looked up in the torch hub cache, or a local .safetensors / .pt file
+    weights: Optional[str] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from probe.models import list_models
+
+        check_choice("model.name", self.name, list_models())
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    amp: bool = False  # bf16 autocast on CUDA
+    resume: bool = False
+    snapshot_epochs: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_range("train.epochs", self.epochs, 0)
+        check_range("train.lr", self.lr, 0.0, low_open=True)
+        check_choice("train.optimizer", self.optimizer, ("adam", "sgd"))
+        check_range("train.momentum", self.momentum, 0.0, 1.0)
+        check_range("train.weight_decay", self.weight_decay, 0.0)
+        for e in self.snapshot_epochs:
+            check_range("train.snapshot_epochs", e, 0, self.epochs)
+
+
+@dataclass
+class TrainStage:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = True
+    progress: bool = True  # progress bars (silent anyway when stderr is not a terminal)
+    run_dir: str = "."
+
+    def __post_init__(self) -> None:
+        check_range("seed", self.seed, 0)
+        check_choice("device", self.device, DEVICES)
+
+
+@dataclass
+class SummaryStage:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    image_size: Optional[int] = None  # None: the model's default input size
+
+
+@dataclass
+class AnalysisData:
+    """Which images an analysis stage reads; the dataset itself is the one recorded in the run's card."""
+
+    split: str = "test"
+    batch_size: int = 128
+    limit: Optional[int] = None  # only the first `limit` images of the split
+    probe_per_class: int = 1  # fixed probe images (same for every model): this many per class
+
+    def __post_init__(self) -> None:
+        check_choice("data.split", self.split, ("train", "val", "test"))
+        check_range("data.batch_size", self.batch_size, 1)
+        check_range("data.limit", self.limit, 1)
+        check_range("data.probe_per_class", self.probe_per_class, 1)
+
+
+@dataclass
+class AnalysisStage:
+    """What every analysis stage (activations, saliency, synthesize, geometry) shares."""
+
+    run: str = MISSING  # the run dir to analyse
+    data: AnalysisData = field(default_factory=AnalysisData)
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        check_range("seed", self.seed, 0)
+        check_choice("device", self.device, DEVICES)
+
+
+def register_schemas(stages: dict[str, type]) -> None:
+    """Store each stage's dataclass as ``<stage>_schema`` for its primary config's defaults list."""
+    cs = ConfigStore.instance()
+    for stage, schema in stages.items():
+        cs.store(name=f"{stage}_schema", node=schema)
+
+
+def to_object(cfg: DictConfig):
+    """Turn a composed config into its dataclass, raising :class:`ConfigError` on bad values."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:  # e.g. a missing mandatory value
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {getattr(e, 'msg', str(e)).splitlines()[0]}") from None

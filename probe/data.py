@@ -1,0 +1,278 @@
+"""Datasets: scikit-learn's bundled digits (default, no download), torchvision's MNIST,
+FashionMNIST and CIFAR-10, and any folder of class subfolders.
+
+Every dataset yields ``(image, label)`` with ``image`` a float tensor ``(C, H, W)`` normalised with
+the recorded mean and std; :class:`DataBundle` carries the three splits and that recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from probe.config import DataConfig
+from probe.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list[str]
+    channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> Dataset:
+        if name not in ("train", "val", "test"):
+            raise ConfigError(f"data.split: '{name}' is not allowed; allowed: train, val, test")
+        return getattr(self, name)
+
+    def card(self) -> dict:
+        """What the model card records about the data."""
+        return {
+            "classes": self.classes,
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+            "sizes": {s: len(getattr(self, s)) for s in ("train", "val", "test")},
+            **self.notes,
+        }
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images ``(N, C, H, W)`` back to pixel values in [0, 1]."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return x * std + mean
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, torch.Tensor]:
+    """A fixed random train/val/test partition of ``range(n)`` that depends on ``seed`` only."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    return {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+
+
+def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """``(N, C, H, W)`` to ``channels`` (grey -> RGB by repetition, RGB -> grey by luminance)."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if x.shape[1] == 3 and channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True)
+    raise DataError(f"cannot convert {x.shape[1]} channels to {channels}")
+
+
+def _normalisation(cfg: DataConfig, train_pixels: torch.Tensor, channels: int) -> tuple[list[float], list[float]]:
+    if cfg.normalize == "none":
+        return [0.0] * channels, [1.0] * channels
+    if cfg.normalize == "imagenet":
+        if channels != 3:
+            return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    dims = (0, 2, 3)
+    x = train_pixels.double()
+    return x.mean(dims).tolist(), x.std(dims).clamp_min(1e-6).tolist()
+
+
+def _tensor_bundle(cfg, images: torch.Tensor, labels: torch.Tensor, classes, channels, splits, notes) -> DataBundle:
+    """Images ``(N, C, H, W)`` in [0, 1] -> normalised in-memory splits."""
+    images = convert_channels(images, channels)
+    mean, std = _normalisation(cfg, images[splits["train"]], channels)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    images = ((images - m) / s).float()
+    parts = {k: TensorDataset(images[idx], labels[idx]) for k, idx in splits.items()}
+    return DataBundle(parts["train"], parts["val"], parts["test"], list(classes), channels, cfg.image_size,
+                      [float(v) for v in mean], [float(v) for v in std], notes)
+
+
+def load_digits(cfg: DataConfig, channels: int) -> DataBundle:
+    """scikit-learn's 1,797 bundled 8x8 digits, resized (bilinear) to ``image_size`` and scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    y = torch.tensor(d.target, dtype=torch.long)
+    splits = split_indices(len(y), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    return _tensor_bundle(cfg, x, y, [str(c) for c in range(10)], channels, splits, {"source": "sklearn.datasets.load_digits"})
+
+
+class _Transformed(Dataset):
+    """A PIL-image dataset (or a subset of one) turned into normalised tensors of a fixed size."""
+
+    def __init__(self, base, indices, size: int, channels: int, mean, std):
+        self.base, self.indices = base, list(map(int, indices))
+        self.size, self.channels = size, channels
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.functional import pil_to_tensor, resize
+
+        img, label = self.base[self.indices[i]]
+        img = img.convert("RGB" if self.channels == 3 else "L")
+        x = pil_to_tensor(img).float().div(255)
+        x = resize(x, [self.size, self.size], antialias=True)
+        return (x - self.mean) / self.std, label
+
+
+def _pil_stats(base, indices, cfg, channels) -> tuple[list[float], list[float]]:
+    if cfg.normalize != "dataset":
+        return _normalisation(cfg, torch.zeros(1, channels, 1, 1), channels)
+    # mean/std from up to 2,000 training images is plenty and keeps start-up fast
+    sample = _Transformed(base, indices[:2000], cfg.image_size, channels, [0.0] * channels, [1.0] * channels)
+    x = torch.stack([sample[i][0] for i in range(len(sample))])
+    return _normalisation(cfg, x, channels)
+
+
+def load_torchvision(cfg: DataConfig, channels: int) -> DataBundle:
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[cfg.name]
+    root = Path(cfg.root)
+    try:
+        train = cls(str(root), train=True, download=cfg.download)
+        test = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as e:
+        raise DataError(
+            f"{cfg.name}: not found under {root.resolve()} ({e}); set data.download=true to fetch it, "
+            f"or data.root to where it is"
+        ) from None
+    frac = cfg.val_fraction
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
+    n_val = round(len(train) * frac)
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    mean, std = _pil_stats(train, train_idx, cfg, channels)
+    mk = lambda base, idx: _Transformed(base, idx, cfg.image_size, channels, mean, std)  # noqa: E731
+    return DataBundle(mk(train, train_idx), mk(train, val_idx), mk(test, range(len(test))), list(train.classes),
+                      channels, cfg.image_size, mean, std, {"source": f"torchvision.datasets.{cls.__name__}"})
+
+
+def scan_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str], dict]:
+    """Check every file of an image folder; raise :class:`DataError` listing every bad path."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found (data.root)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class subfolders (expected {root}/<class>/<image files>)")
+    samples, problems, modes = [], [], {}
+    for label, c in enumerate(classes):
+        files = sorted(p for p in (root / c).rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            problems.append(f"{root / c}: empty class folder")
+        for f in files:
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                problems.append(f"{f}: not an image file (suffix {f.suffix or 'none'})")
+                continue
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    modes[im.mode] = modes.get(im.mode, 0) + 1
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                problems.append(f"{f}: unreadable image ({type(e).__name__})")
+                continue
+            samples.append((f, label))
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise DataError(f"{root}: {len(problems)} bad entries: {shown}")
+    return samples, classes, modes
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, samples):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            return im.copy(), label
+
+
+def load_image_folder(cfg: DataConfig, channels: int) -> DataBundle:
+    root = Path(cfg.root)
+    samples, classes, modes = scan_image_folder(root)
+    want = "RGB" if channels == 3 else "L"
+    converted = sum(n for m, n in modes.items() if m != want)
+    if converted:
+        log.info("%s: %d of %d images converted to %s (modes found: %s)", root, converted, len(samples), want, modes)
+    base = _ImageFiles(samples)
+    splits = split_indices(len(samples), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    mean, std = _pil_stats(base, splits["train"], cfg, channels)
+    mk = lambda idx: _Transformed(base, idx, cfg.image_size, channels, mean, std)  # noqa: E731
+    notes = {"source": str(root), "converted_to_" + want: converted}
+    return DataBundle(mk(splits["train"]), mk(splits["val"]), mk(splits["test"]), classes, channels,
+                      cfg.image_size, mean, std, notes)
+
+
+def load_data(cfg: DataConfig, channels: int) -> DataBundle:
+    """The dataset named by ``cfg`` with images of ``channels`` channels."""
+    channels = cfg.channels or channels
+    if cfg.name == "digits":
+        return load_digits(cfg, channels)
+    if cfg.name == "imagefolder":
+        return load_image_folder(cfg, channels)
+    return load_torchvision(cfg, channels)
+
+
+def probe_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Fixed probe samples: ``per_class`` images of every class, chosen by ``seed``, in class order."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        chosen.extend(sorted(rng.choice(idx, size=min(per_class, len(idx)), replace=False)))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def dataset_labels(ds: Dataset) -> np.ndarray:
+    """Labels of a dataset without decoding its images when it can."""
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].numpy()
+    if isinstance(ds, _Transformed):
+        base = ds.base
+        if hasattr(base, "targets"):
+            t = np.asarray(base.targets)
+            return t[ds.indices]
+        if isinstance(base, _ImageFiles):
+            return np.asarray([base.samples[i][1] for i in ds.indices])
+    if isinstance(ds, Subset):
+        return dataset_labels(ds.dataset)[np.asarray(ds.indices)]
+    return np.asarray([ds[i][1] for i in range(len(ds))])
+
+
+def data_card(cfg: DataConfig, bundle: DataBundle) -> dict:
+    return {**asdict(cfg), **bundle.card()}

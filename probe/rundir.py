@@ -1,0 +1,149 @@
+"""The run dir: the contract between stages (see DESIGN.md).
+
+Writes are atomic: a stage fills a temporary folder or file and renames it into place when it
+has finished, so an interrupted stage leaves the previous complete output or none.
+``card.json`` is written last and marks a run dir as complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from probe.errors import RunDirError
+
+CARD_VERSION = 1
+CARD_KEYS = ("card_version", "run_name", "model", "data", "params_total", "layers", "metrics", "seed")
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically, with sorted keys so that equal content gives equal bytes."""
+    write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Save a state dict as safetensors, atomically (shared tensors are cloned apart)."""
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path):
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` as a whole."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_card(run_dir: str | Path) -> dict:
+    """``card.json`` of a complete run dir, checked for the keys and version this probe reads."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: run dir does not exist")
+    path = run_dir / "card.json"
+    if not path.is_file():
+        raise RunDirError(f"{run_dir}: not a run dir (no card.json; run `probe train run_dir={run_dir}` first)")
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in CARD_KEYS if k not in card] if isinstance(card, dict) else list(CARD_KEYS)
+    if missing:
+        raise RunDirError(f"{path}: missing keys {', '.join(missing)}")
+    if card["card_version"] != CARD_VERSION:
+        raise RunDirError(f"{path}: card_version {card['card_version']} is not supported; this probe reads version {CARD_VERSION}")
+    return card
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    import captum
+    import numpy
+    import torch
+    import torchvision
+
+    from probe import __version__
+
+    return {"probe": __version__, "torch": torch.__version__.split("+")[0],
+            "torchvision": torchvision.__version__.split("+")[0], "captum": captum.__version__, "numpy": numpy.__version__}
+
+
+@dataclass
+class Run:
+    """A loaded run: its folder, card and model (eval mode, on the CPU)."""
+
+    path: Path
+    card: dict
+    model: nn.Module
+
+    @property
+    def name(self) -> str:
+        return self.card["run_name"]
+
+
+def load_run(run_dir: str | Path) -> Run:
+    from probe.models import build
+
+    run_dir = Path(run_dir)
+    card = read_card(run_dir)
+    m = card["model"]
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise RunDirError(f"{run_dir}: card.json present but model.safetensors missing")
+    model = build(m["name"], in_channels=m["in_channels"], num_classes=m["num_classes"], weights=str(weights), **m["kwargs"])
+    return Run(run_dir, card, model)

@@ -1,0 +1,190 @@
+"""Train (or just initialise, with ``train.epochs=0``) one model and write its run dir."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from probe.config import TrainStage
+from probe.data import DataBundle, load_data
+from probe.errors import ConfigError, NumericalError
+from probe.models import build, spec
+from probe.models.summary import layer_table
+from probe.models.weights import load_into, read_state_dict
+from probe.rundir import CARD_VERSION, git_commit, library_versions, save_weights, write_bytes, write_json
+from probe.runtime import pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+LOG_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def loader(ds, batch_size: int, shuffle: bool, seed: int, device: torch.device, num_workers: int = 0) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dl: DataLoader, device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``dl``."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    for x, y in dl:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x).float()
+        loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
+        n += len(y)
+    return (loss_sum / max(n, 1)).item(), correct.item() / max(n, 1)
+
+
+def model_for(cfg: TrainStage) -> tuple[nn.Module, DataBundle, dict]:
+    """Build the model and its data so that channels and classes agree."""
+    s = spec(cfg.model.name)
+    channels = cfg.data.channels or s.channels
+    data = load_data(cfg.data, channels)
+    pretrained_tv = s.source == "torchvision" and cfg.model.weights is not None
+    num_classes = None if pretrained_tv else data.num_classes
+    if s.fixed_size and cfg.data.image_size != s.image_size:
+        raise ConfigError(f"data.image_size: {cfg.model.name} accepts {s.image_size}x{s.image_size} inputs only; got {cfg.data.image_size}")
+    model = build(cfg.model.name, in_channels=channels, num_classes=num_classes, weights=cfg.model.weights, **cfg.model.kwargs)
+    out_features = model(torch.zeros(1, channels, cfg.data.image_size, cfg.data.image_size)).shape[-1]
+    model_card = {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs), "weights": cfg.model.weights,
+                  "in_channels": channels, "num_classes": int(out_features)}
+    return model, data, model_card
+
+
+def _optimizer(model: nn.Module, cfg: TrainStage) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def train(cfg: TrainStage) -> Path:
+    """Train per ``cfg`` and write the run dir ``cfg.run_dir``; return its path."""
+    run_dir = Path(cfg.run_dir)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = pick_device(cfg.device)
+    model, data, model_card = model_for(cfg)
+    # the card marks a complete run: remove it first, so that an interrupted run looks incomplete
+    (run_dir / "card.json").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+
+    model.to(device)
+    opt = _optimizer(model, cfg)
+    bs = cfg.data.batch_size
+    train_dl = loader(data.train, bs, True, cfg.seed, device, cfg.data.num_workers)
+    val_dl = loader(data.val, bs, False, cfg.seed, device, cfg.data.num_workers)
+    test_dl = loader(data.test, bs, False, cfg.seed, device, cfg.data.num_workers)
+    amp = cfg.train.amp and device.type == "cuda"
+
+    rows, start = [], 1
+    state_path = run_dir / "last_state.pt"
+    if cfg.train.resume and state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        train_dl.generator.set_state(state["loader_rng"])
+        rows = [dict(zip(LOG_COLUMNS, r.tolist())) for r in state["log"]]
+        for r in rows:
+            r["epoch"] = int(r["epoch"])
+        start = len(rows) + 1
+        log.info("resuming %s from epoch %d", run_dir, start)
+
+    best_acc, best_path = -1.0, run_dir / "model.safetensors"
+    if rows:
+        best_acc = max(r["val_acc"] for r in rows)
+    if cfg.train.epochs == 0 or not best_path.is_file():
+        save_weights(model, best_path)
+    if start == 1 and 0 in cfg.train.snapshot_epochs:
+        save_weights(model, run_dir / "snapshots" / "epoch_0000.safetensors")
+    show = cfg.progress and sys.stderr.isatty()
+    for epoch in range(start, cfg.train.epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        n = 0
+        for x, y in tqdm(train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show, leave=False):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (out.detach().argmax(1) == y).sum()
+            n += len(y)
+        train_loss = (loss_sum / n).item()
+        if not torch.isfinite(torch.tensor(train_loss)):
+            raise NumericalError(f"train: loss is {train_loss} in epoch {epoch} of {run_dir} (lower train.lr?)")
+        val_loss, val_acc = evaluate(model, val_dl, device)
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc}
+        rows.append(row)
+        log.info("epoch %d: train loss %.4f acc %.4f, val loss %.4f acc %.4f", epoch, *list(row.values())[1:])
+        if val_acc > best_acc:
+            best_acc = val_acc
+            save_weights(model, best_path)
+        if epoch in cfg.train.snapshot_epochs:
+            save_weights(model, run_dir / "snapshots" / f"epoch_{epoch:04d}.safetensors")
+        _save_state(state_path, model, opt, rows, train_dl.generator)
+    _write_log(run_dir / "train_log.csv", rows)
+
+    # evaluate the kept (best) weights
+    load_into(model, read_state_dict(best_path), str(best_path))
+    model.to(device)
+    test_loss, test_acc = evaluate(model, test_dl, device)
+    metrics = {"test_acc": test_acc, "test_loss": test_loss, "val_acc": max([r["val_acc"] for r in rows], default=None),
+               "epochs": len(rows), "params_total": sum(p.numel() for p in model.parameters())}
+    write_json(run_dir / "metrics.json", metrics)
+    model.cpu()
+    card = {
+        "card_version": CARD_VERSION,
+        "run_name": run_dir.resolve().name,
+        "model": model_card,
+        "data": {**asdict(cfg.data), **data.card()},
+        "params_total": metrics["params_total"],
+        "layers": [r.as_dict() for r in layer_table(model, data.channels, data.image_size)],
+        "metrics": metrics,
+        "seed": cfg.seed,
+        "train": asdict(cfg.train),
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+    }
+    write_json(run_dir / "card.json", card)
+    state_path.unlink(missing_ok=True)
+    log.info("%s: test accuracy %.4f", run_dir, test_acc)
+    return run_dir
+
+
+def _save_state(path: Path, model, opt, rows, loader_rng: torch.Generator) -> None:
+    """Everything needed to resume after the last finished epoch (read back with weights_only=True)."""
+    log_t = torch.tensor([[r[c] for c in LOG_COLUMNS] for r in rows], dtype=torch.float64)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                "loader_rng": loader_rng.get_state(), "log": log_t}, buf)
+    write_bytes(path, buf.getvalue())
+
+
+def _write_log(path: Path, rows) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_bytes(path, buf.getvalue().encode())
