@@ -33,6 +33,9 @@ def summary(cfg) -> None:
 STAGES = {
     "train": ("probe.train:train", "probe.config:TrainStage"),
     "summary": ("probe.cli:summary", "probe.config:SummaryStage"),
+    "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
+    "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),
+    "saliency": ("probe.saliency.stage:run", "probe.saliency.config:SaliencyStage"),
 }
 
 

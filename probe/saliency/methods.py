@@ -1,0 +1,120 @@
+"""The attribution methods, each through Captum, with one signature, and their reduction to (N, H, W).
+
+Every method takes the attribution copy of the model (see :mod:`probe.saliency.prepare`), images
+``x`` (N, C, H, W) normalised and ``target`` (N,) class indices, and returns attributions of the
+model's output for the target class (for LeNet-5 that output is a log-probability).
+
+Reduction over input channels, per method (:data:`REDUCTION`):
+
+- ``saliency``, ``smoothgrad``, ``guided_backprop``: sum of absolute values (a magnitude: the sign
+  of a gradient says which way a pixel would move the output, not whether it supports the class);
+- ``input_x_gradient``, ``integrated_gradients``, ``occlusion``: signed sum (contributions that add
+  up to the output change; positive = evidence for the target);
+- ``grad_cam``: one channel already, non-negative (ReLU as in the paper).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from captum.attr import (GuidedBackprop, InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam,
+                         NoiseTunnel, Occlusion, Saliency)
+
+Reference = Callable[[torch.Tensor], torch.Tensor]  # images (N, C, H, W) -> reference images, same shape
+
+REDUCTION = {"saliency": "abs", "smoothgrad": "abs", "guided_backprop": "abs", "input_x_gradient": "signed",
+             "integrated_gradients": "signed", "occlusion": "signed", "grad_cam": "signed"}
+
+
+@dataclass
+class MethodSettings:
+    """Method parameters in absolute units (pixels, normalised-input stdevs), resolved by the stage."""
+
+    ig_steps: int = 32
+    ig_internal_batch_size: int = 512
+    ig_baseline: Optional[Reference] = None  # None: zeros in normalised space
+    smoothgrad_samples: int = 16
+    smoothgrad_stdev: float = 0.15  # absolute, in normalised input units
+    smoothgrad_batch_size: int = 16
+    gradcam_layer: Optional[str] = None
+    occlusion_window: int = 4  # pixels
+    occlusion_stride: int = 2  # pixels
+    occlusion_baseline: Optional[Reference] = None
+    occlusion_batch_size: int = 512  # occluded images per forward pass
+    seed: int = 0
+
+
+def _ref(fn: Optional[Reference], x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(x) if fn is None else fn(x)
+
+
+def saliency(model, x, target, s: MethodSettings):
+    return Saliency(model).attribute(x, target=target, abs=True)
+
+
+def input_x_gradient(model, x, target, s: MethodSettings):
+    return InputXGradient(model).attribute(x, target=target)
+
+
+def smoothgrad(model, x, target, s: MethodSettings):
+    # seeded before each call: the same noise for the same images, whatever ran before
+    torch.manual_seed(s.seed)
+    return NoiseTunnel(Saliency(model)).attribute(
+        x, nt_type="smoothgrad", nt_samples=s.smoothgrad_samples, nt_samples_batch_size=s.smoothgrad_batch_size,
+        stdevs=float(s.smoothgrad_stdev), target=target, abs=True)
+
+
+def integrated_gradients(model, x, target, s: MethodSettings):
+    # Captum expands the batch by n_steps; internal_batch_size caps the rows per forward pass
+    return IntegratedGradients(model).attribute(
+        x, baselines=_ref(s.ig_baseline, x), target=target, n_steps=s.ig_steps,
+        internal_batch_size=min(s.ig_internal_batch_size, len(x) * s.ig_steps))
+
+
+def guided_backprop(model, x, target, s: MethodSettings):
+    return GuidedBackprop(model).attribute(x, target=target)
+
+
+def grad_cam(model, x, target, s: MethodSettings):
+    layer = dict(model.named_modules())[s.gradcam_layer]
+    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    return LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")
+
+
+def occlusion(model, x, target, s: MethodSettings):
+    c = x.shape[1]
+    return Occlusion(model).attribute(
+        x, sliding_window_shapes=(c, s.occlusion_window, s.occlusion_window),
+        strides=(c, s.occlusion_stride, s.occlusion_stride), baselines=_ref(s.occlusion_baseline, x),
+        target=target, perturbations_per_eval=max(1, s.occlusion_batch_size // len(x)))
+
+
+METHODS: dict[str, Callable] = {f.__name__: f for f in (saliency, input_x_gradient, smoothgrad, integrated_gradients,
+                                                         guided_backprop, grad_cam, occlusion)}
+
+
+def attribute(method: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, s: MethodSettings) -> torch.Tensor:
+    """Attributions (N, C, H, W) (grad_cam: (N, 1, H, W)) of ``method`` for ``target``, detached."""
+    x = x.detach().clone().requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Captum warns on every call about hooks / grad requirements
+        return METHODS[method](model, x, target, s).detach()
+
+
+def reduce_channels(attr: torch.Tensor, method: str) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H, W): sum of absolute values or signed sum, as :data:`REDUCTION` says."""
+    return (attr.abs() if REDUCTION[method] == "abs" else attr).sum(1)
+
+
+def occlusion_geometry(image_side: int, window: float, stride: float) -> tuple[int, int]:
+    """Window and stride in pixels from fractions of the image side. The stride is lowered until the
+    windows tile the image exactly: a pixel no window covers would get 0/0 from Captum."""
+    w = max(1, min(image_side, round(window * image_side)))
+    st = max(1, min(w, round(stride * image_side)))
+    while (image_side - w) % st:
+        st -= 1
+    return w, st
