@@ -1,0 +1,65 @@
+"""Training dynamics from the checkpoints kept with ``train.snapshot_epochs``: first-layer filters,
+and per ReLU the share of zero activations (sparsity) and of channels never active (dead) on the
+probe images."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from probe.geometry.forward import layer_outputs
+from probe.models.weights import load_into, read_state_dict
+
+SNAPSHOT = re.compile(r"epoch_(\d+)\.safetensors$")
+
+
+def snapshot_paths(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of every ``<run>/snapshots/epoch_XXXX.safetensors``, by epoch."""
+    found = [(int(m.group(1)), p) for p in sorted((Path(run_dir) / "snapshots").glob("epoch_*.safetensors"))
+             if (m := SNAPSHOT.search(p.name))]
+    return sorted(found)
+
+
+def relu_layers(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+
+
+def first_conv(model: nn.Module) -> str | None:
+    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def activity(acts: dict[str, torch.Tensor], layers: list[str]) -> list[dict]:
+    """Per layer: sparsity (share of zero outputs) and dead fraction (share of channels zero everywhere)."""
+    rows = []
+    for depth, n in enumerate(layers):
+        y = acts[n]
+        per_channel = y.transpose(0, 1).reshape(y.shape[1], -1)
+        rows.append({"layer": n, "depth": depth, "channels": int(y.shape[1]),
+                     "sparsity": float((y == 0).float().mean()),
+                     "dead_fraction": float((per_channel == 0).all(1).float().mean())})
+    return rows
+
+
+def dynamics_table(model: nn.Module, x: torch.Tensor, snapshots: list[tuple[int, Path]], batch_size: int = 128,
+                   device: torch.device | str = "cpu") -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Rows (epoch, layer, depth, channels, sparsity, dead_fraction) and first-layer filters per epoch
+    (``{"epoch_XXXX": (out, in, k, k)}``). ``model`` itself is left untouched."""
+    model = copy.deepcopy(model)
+    layers, conv = relu_layers(model), first_conv(model)
+    rows, filters = [], {}
+    for epoch, path in snapshots:
+        load_into(model, read_state_dict(path), str(path))
+        model.to(device).eval()
+        if layers:
+            _, acts = layer_outputs(model, x, layers, batch_size, device)
+            rows += [{"epoch": epoch, **r} for r in activity(acts, [n for n in layers if n in acts])]
+        if conv is not None:
+            filters[f"epoch_{epoch:04d}"] = dict(model.named_modules())[conv].weight.detach().float().cpu().numpy()
+    cols = ["epoch", "layer", "depth", "channels", "sparsity", "dead_fraction"]
+    return pd.DataFrame(rows, columns=cols), filters

@@ -1,0 +1,79 @@
+"""Translation equivariance per layer: ``||f(Tx) - T'f(x)|| / ||f(x)||``.
+
+``T`` moves the input by ``n`` pixels; ``T'`` moves a layer's map by ``n / stride`` units. Where
+``n`` is not a multiple of the stride no integer ``T'`` exists (the map is sub-sampled: aliasing);
+there the error is the smaller of the floor and ceiling shifts and the row is marked ``fractional``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from probe.geometry.fields import LayerField
+from probe.geometry.forward import layer_outputs, module_types
+from probe.geometry.transforms import AXIS_DIM, overlap, shift
+
+
+def normalised_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||a - ref|| / ||ref||`` over the whole batch (NaN when empty or ``ref`` is all zero)."""
+    if a.numel() == 0:
+        return float("nan")
+    den = ref.double().norm()
+    return float((a.double() - ref.double()).norm() / den) if den > 0 else float("nan")
+
+
+def has_map(y: torch.Tensor) -> bool:
+    """A spatial map on which a shift means something (more than one unit along both axes)."""
+    return y.dim() == 4 and y.shape[-1] > 1 and y.shape[-2] > 1
+
+
+def equivariance_rows(base: dict[str, torch.Tensor], moved: dict[str, torch.Tensor], layers: list[str],
+                      fields: dict[str, LayerField], types: dict[str, str], mode: str, axis: str, n: int) -> list[dict]:
+    """Rows for one shift: ``base``/``moved`` are the layers' outputs for ``x`` and for ``x`` shifted by
+    ``n`` pixels along ``axis`` with border ``mode``; layers without a spatial map are skipped."""
+    dim = AXIS_DIM[axis]
+    rows = []
+    for name in layers:
+        if name not in base or not has_map(base[name]):
+            continue
+        stride = fields[name].stride[0 if axis == "y" else 1]
+        exact = n / stride
+        fractional = abs(exact - round(exact)) > 1e-6
+        ks = sorted({math.floor(exact), math.ceil(exact)}) if fractional else [round(exact)]
+        errs = [(normalised_error(*overlap(moved[name], base[name], k, dim, mode)), k) for k in ks]
+        finite = [e for e in errs if not math.isnan(e[0])]
+        err, k = min(finite) if finite else errs[0]
+        rows.append({"layer": name, "type": types[name], "depth": layers.index(name), "mode": mode,
+                     "axis": axis, "shift": int(n), "stride": float(stride), "feature_shift": int(k),
+                     "feature_shift_exact": float(exact), "fractional": bool(fractional),
+                     "error": err, "map_size": int(base[name].shape[dim])})
+    return rows
+
+
+def equivariance_table(model: nn.Module, x: torch.Tensor, layers: list[str], fields: dict[str, LayerField],
+                       shifts: list[int], axes: list[str], modes: list[str], fill: torch.Tensor | float = 0.0,
+                       batch_size: int = 128, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """One row per (layer with a spatial map, mode, axis, shift) for images ``x`` ``(N, C, H, W)``.
+
+    Columns: layer, type, depth (index in ``layers``), mode, axis, shift (input pixels), stride,
+    feature_shift (map units compared), feature_shift_exact (shift / stride), fractional, error,
+    map_size (units along the axis).
+    """
+    _, base = layer_outputs(model, x, layers, batch_size, device)
+    spatial = [n for n in layers if n in base and has_map(base[n])]
+    types = module_types(model, spatial)
+    rows = []
+    for mode in modes:
+        for axis in axes:
+            for n in shifts:
+                _, moved = layer_outputs(model, shift(x, n, AXIS_DIM[axis], mode, fill), spatial, batch_size, device)
+                rows += equivariance_rows(base, moved, layers, fields, types, mode, axis, n)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+COLUMNS = ["layer", "type", "depth", "mode", "axis", "shift", "stride", "feature_shift", "feature_shift_exact",
+           "fractional", "error", "map_size"]

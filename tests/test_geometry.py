@@ -1,0 +1,194 @@
+"""Geometry stage: equivariance, invariance and effective receptive fields against closed forms."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from probe.geometry.equivariance import equivariance_table
+from probe.geometry.erf import erf_maps, erf_size
+from probe.geometry.fields import layer_fields
+from probe.geometry.forward import layer_outputs
+from probe.geometry.invariance import invariance_table, transforms
+from probe.geometry.transforms import affine, shift
+
+
+def circular_stack(stride2: bool = False) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+              nn.Conv2d(4, 4, 3, stride=2 if stride2 else 1, padding=1, padding_mode="circular"), nn.ReLU(),
+              nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular")]
+    return nn.Sequential(*layers).eval()
+
+
+def fields_for(model, x, layers):
+    _, outs = layer_outputs(model, x[:1], layers)
+    return layer_fields(model, x[:1], outs)
+
+
+def test_shift_matches_brute_force():
+    x = torch.randn(2, 3, 6, 7)
+    fill = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+    z = shift(x, 2, -1, "zero", fill)
+    for c in range(3):
+        assert torch.all(z[:, c, :, :2] == fill[0, c, 0, 0])
+    assert torch.equal(z[..., 2:], x[..., :-2])
+    assert torch.equal(shift(x, -3, -2, "zero", 0.0)[..., :3, :], x[..., 3:, :])
+    assert torch.equal(shift(x, 3, -2, "circular"), torch.cat([x[..., -3:, :], x[..., :-3, :]], dim=-2))
+    # a zero rotation and unit scale sample exactly at the pixel centres
+    assert torch.allclose(affine(x, 0.0, 1.0, fill), x, atol=1e-5)
+    # a 90 degree rotation of a square image is a transpose and a flip, whatever the fill
+    xs = torch.randn(1, 1, 5, 5)
+    assert torch.allclose(affine(xs, 90.0), torch.rot90(xs, 1, (-2, -1)), atol=1e-5) or \
+        torch.allclose(affine(xs, 90.0), torch.rot90(xs, -1, (-2, -1)), atol=1e-5)
+
+
+def test_ideal_conv_stack_is_exactly_equivariant_under_circular_shifts():
+    model = circular_stack()
+    x = torch.randn(3, 1, 12, 12)
+    layers = ["0", "2", "4"]
+    df = equivariance_table(model, x, layers, fields_for(model, x, layers), [1, 2, 3, 5], ["x", "y"], ["circular"])
+    assert len(df) == 3 * 2 * 4
+    assert not df["fractional"].any()
+    assert (df["feature_shift"] == df["shift"]).all()
+    assert df["error"].max() < 1e-5
+
+
+def test_stride_two_aliases_odd_shifts_and_is_exact_on_even_ones():
+    model = circular_stack(stride2=True)
+    x = torch.randn(3, 1, 12, 12)
+    layers = ["0", "2", "4"]
+    fields = fields_for(model, x, layers)
+    assert fields["2"].stride == (2, 2) and fields["0"].stride == (1, 1)
+    df = equivariance_table(model, x, layers, fields, [1, 2, 3, 4], ["x"], ["circular"])
+    deep = df[df["layer"].isin(["2", "4"])]
+    even, odd = deep[deep["shift"] % 2 == 0], deep[deep["shift"] % 2 == 1]
+    assert even["error"].max() < 1e-5 and (even["feature_shift"] == even["shift"] // 2).all()
+    assert odd["fractional"].all() and odd["error"].min() > 1e-2
+    assert df[df["layer"] == "0"]["error"].max() < 1e-5  # before the stride: still exact
+    # the reported error is the better of floor and ceiling: check one against a brute-force roll
+    moved = layer_outputs(model, torch.roll(x, 1, -1), ["2"])[1]["2"]
+    base = layer_outputs(model, x, ["2"])[1]["2"]
+    brute = min(float((moved - torch.roll(base, k, -1)).norm() / base.norm()) for k in (0, 1))
+    got = df[(df["layer"] == "2") & (df["shift"] == 1)]["error"].item()
+    assert got == pytest.approx(brute, rel=1e-6)
+
+
+def test_zero_filled_shift_compares_the_overlap():
+    # a 1x1 conv is pointwise: zero-filled shifts are exact on the overlap, whatever the fill
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU(), nn.Conv2d(3, 2, 1)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    df = equivariance_table(model, x, ["0", "2"], fields_for(model, x, ["0", "2"]), [1, 3, -2], ["x", "y"],
+                            ["zero"], fill=-0.7)
+    assert df["error"].max() < 1e-6
+
+
+def single_conv(n: int) -> nn.Sequential:
+    convs = [nn.Conv2d(1, 1, 3, padding=1, bias=False) for _ in range(n)]
+    for c in convs:
+        nn.init.ones_(c.weight)
+    return nn.Sequential(*convs).eval()
+
+
+@pytest.mark.parametrize("depth,side", [(1, 3), (2, 5)])
+def test_erf_of_all_ones_3x3_convs(depth, side):
+    model = single_conv(depth)
+    x = torch.randn(4, 1, 15, 15)
+    layers = [str(i) for i in range(depth)]
+    maps = erf_maps(model, x, layers)
+    m, (uy, ux) = maps[str(depth - 1)]
+    assert (uy, ux) == (7, 7)
+    support = np.argwhere(m > 0)
+    assert support.min(0).tolist() == [7 - side // 2] * 2 and support.max(0).tolist() == [7 + side // 2] * 2
+    centre = fields_for(model, x, layers)[str(depth - 1)].centre0
+    assert centre == (0.0, 0.0)
+    got_side, radius = erf_size(m, (centre[0] + uy, centre[1] + ux), 0.95)
+    assert got_side == side
+    assert erf_size(m, None, 0.95)[0] == side  # the centre of mass is the same centre here
+    # the profile of two stacked all-ones 3x3 convs is the outer product of (1, 2, 3, 2, 1)
+    if depth == 2:
+        tri = np.array([1, 2, 3, 2, 1.0])
+        assert np.allclose(m[5:10, 5:10], np.outer(tri, tri))
+        # 3x3 holds 49/81 of the mass: below 0.6 mass the ERF is 3 wide
+        assert erf_size(m, (7, 7), 0.6)[0] == 3 and erf_size(m, (7, 7), 0.61)[0] == 5
+
+
+def test_invariance_of_circular_conv_and_global_pooling():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, padding_mode="circular"), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    x, y = torch.randn(8, 1, 10, 10), torch.randint(0, 5, (8,))
+    ts = transforms([1, 2, 5], ["x", "y"], ["circular", "zero"], [10.0], [1.1], fill=-1.0)
+    df = invariance_table(model, x, y, ["0", "2", "4"], ts)
+    circ = df[(df["transform"] == "shift") & (df["mode"] == "circular")]
+    assert len(circ) == 3 * 2 * 4
+    assert circ["change"].max() < 1e-5
+    out = circ[circ["layer"] == "output"]
+    assert (out["survival"] == 1.0).all() and out["prob_change"].max() < 1e-6
+    assert (out["accuracy"] == out["accuracy_clean"]).all()
+    # zero-filled shifts and rotations change what the network sees: the table must show it
+    others = df[(df["layer"] == "output") & (df["mode"] == "zero")]
+    assert others["change"].min() > 1e-3
+    # survival and accuracy against a direct computation
+    rot = df[(df["transform"] == "rotate") & (df["layer"] == "output")]
+    with torch.no_grad():
+        p0, p1 = model(x).argmax(1), model(affine(x, 10.0, fill=-1.0)).argmax(1)
+    assert rot["survival"].item() == pytest.approx(float((p0 == p1).float().mean()))
+    assert rot["accuracy"].item() == pytest.approx(float((p1 == y).float().mean()))
+
+
+def test_cli_end_to_end_writes_every_file(tmp_path):
+    from probe.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", "train.snapshot_epochs=[0,1]",
+                 f"run_dir={run}", f"hydra.run.dir={tmp_path / 'h'}"]) == 0
+    assert main(["geometry", f"run={run}", "data.probe_per_class=2", "shift.shifts=[1,2]", "shift.axes=[x]",
+                 "invariance.rotations=[5]", "invariance.scales=[1.1]", "erf.noise_images=4"]) == 0
+    out = run / "geometry"
+    expected = {"equivariance.parquet", "invariance.parquet", "erf.parquet", "erf_maps.npz", "metrics.json",
+                "erf_heatmaps.png", "erf_vs_depth.png", "equivariance_by_depth.png", "shift_survival.png",
+                "dynamics.parquet", "dynamics_filters.npz", "dynamics.png", "dynamics_filters.png"}
+    assert expected <= {p.name for p in out.iterdir()}
+    eq = pd.read_parquet(out / "equivariance.parquet")
+    # tiny_cnn: conv1 and pool (stride 2) and conv2 have maps; fc and the global pool do not
+    assert set(eq["layer"]) == {"conv1", "pool", "conv2"}
+    assert len(eq) == 3 * 2 * 1 * 2
+    assert eq[(eq["layer"] == "conv2") & (eq["shift"] == 1)]["fractional"].all()
+    inv = pd.read_parquet(out / "invariance.parquet")
+    assert set(inv["transform"]) == {"shift", "rotate", "scale"}
+    # the stage's survival agrees with a direct forward pass on the same probe images
+    from probe.analysis import open_run
+    from probe.config import AnalysisData
+    from probe.geometry.config import GeometryStage
+    from probe.geometry.transforms import shift as move
+
+    ctx = open_run(GeometryStage(run=str(run), data=AnalysisData(probe_per_class=2)))
+    assert len(ctx.probe_x) == 20
+    black = (0 - torch.tensor(ctx.data.mean).view(1, -1, 1, 1)) / torch.tensor(ctx.data.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        p0 = ctx.run.model(ctx.probe_x).argmax(1)
+        p1 = ctx.run.model(move(ctx.probe_x, 1, -1, "zero", black)).argmax(1)
+    row = inv[(inv["layer"] == "output") & (inv["transform"] == "shift") & (inv["mode"] == "zero") & (inv["amount"] == 1)]
+    assert row["survival"].item() == pytest.approx(float((p0 == p1).float().mean()))
+    erf = pd.read_parquet(out / "erf.parquet")
+    assert set(erf["input"]) == {"probe", "noise"}
+    conv1 = erf[(erf["layer"] == "conv1")]
+    assert (conv1["trf"] == 3).all() and (conv1["erf_side"] <= 3).all()
+    dyn = pd.read_parquet(out / "dynamics.parquet")
+    assert set(dyn["epoch"]) == {0, 1} and dyn["dead_fraction"].between(0, 1).all()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"equivariance", "survival", "erf"}
+    assert metrics["survival"]["shift1"] == pytest.approx(
+        inv[(inv["layer"] == "output") & (inv["transform"] == "shift") & (inv["mode"] == "zero") & (inv["amount"] == 1)]["survival"].mean())
+    # bad config: exit 2, nothing lost
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["geometry", f"run={run}", "shift.modes=[wrap]"]) == 2
+    assert main(["geometry", f"run={run}", "layers=[conv9]"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == before
