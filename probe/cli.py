@@ -33,7 +33,6 @@ def summary(cfg) -> None:
 STAGES = {
     "train": ("probe.train:train", "probe.config:TrainStage"),
     "summary": ("probe.cli:summary", "probe.config:SummaryStage"),
-    "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),
     "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
     "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),
     "saliency": ("probe.saliency.stage:run", "probe.saliency.config:SaliencyStage"),
