@@ -1,0 +1,194 @@
+"""The optimisation loop: a batch of images, one objective value per image, one forward pass per step.
+
+The loss is the *sum* of the per-image objectives, so each image receives exactly the gradient it
+would get alone (eval mode: no batch statistics), and Adam, being elementwise, moves it exactly
+as it would move it alone. Rendering a layer's channels in one batch therefore gives the same
+images as rendering them one at a time (up to float rounding) when the transforms are off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from probe.capture import Capture
+from probe.errors import NumericalError
+from probe.synthesis.objectives import LOGITS, Objective
+from probe.synthesis.param import ImageParam
+from probe.synthesis.transform import Transforms
+
+
+class _Enough(Exception):
+    """Raised in a hook once every layer an objective needs is captured: the rest of the net is skipped."""
+
+
+def _softmax_head(model: nn.Module) -> nn.Module | None:
+    """The model's last module when it is a (Log)Softmax: class scores are then its input."""
+    leaves = [m for m in model.modules() if not list(m.children())]
+    return leaves[-1] if leaves and isinstance(leaves[-1], (nn.LogSoftmax, nn.Softmax)) else None
+
+
+def forward_capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Outputs of ``layers`` (and ``"logits"``: pre-softmax class scores) for input ``x``, with autograd.
+
+    The forward pass stops as soon as every requested layer is captured, unless logits are needed.
+    Outputs are cloned inside the hook, before any in-place ReLU that follows can change them.
+    """
+    acts: dict[str, torch.Tensor] = {}
+    names = [n for n in dict.fromkeys(layers) if n != LOGITS]
+    need_logits = LOGITS in layers
+
+    def keep(name: str, out: torch.Tensor) -> None:
+        acts[name] = out.clone()
+        if not need_logits and len(acts) == len(names):
+            raise _Enough
+
+    with contextlib.ExitStack() as stack:
+        if names:
+            stack.enter_context(Capture(model, names, fn=keep, detach=False))
+        head = _softmax_head(model) if need_logits else None
+        if head is not None:
+            h = head.register_forward_pre_hook(lambda _m, inp: acts.__setitem__(LOGITS, inp[0]))
+            stack.callback(h.remove)
+        try:
+            out = model(x)
+            if need_logits and head is None:
+                acts[LOGITS] = out
+        except _Enough:
+            pass
+    missing = [n for n in names if n not in acts]
+    if missing:
+        raise RuntimeError(f"layers {missing} produced no tensor output in the forward pass")
+    return acts
+
+
+class _RedirectedReLUFn(torch.autograd.Function):
+    """ReLU whose gradient, for an image where the ordinary ReLU gradient is zero everywhere, lets
+    through the components that would raise the input (Lucid's redirected ReLU)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        relu_grad = torch.where(x < 0, torch.zeros_like(g), g)
+        redirected = torch.where((x < 0) & (g > 0), torch.zeros_like(g), g)  # g > 0: descent lowers x
+        alive = relu_grad.flatten(1).abs().sum(1) > 0
+        return torch.where(alive.view(-1, *[1] * (g.dim() - 1)), relu_grad, redirected)
+
+
+@contextlib.contextmanager
+def redirected_relus(model: nn.Module):
+    """Within the block, every ``nn.ReLU`` module of ``model`` (in place or not) uses the redirected gradient."""
+    handles, stash = [], {}
+
+    def pre(module, inputs):
+        stash[id(module)] = inputs[0].clone() if getattr(module, "inplace", False) else inputs[0]
+
+    def post(module, _inputs, _output):
+        return _RedirectedReLUFn.apply(stash.pop(id(module)))
+
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Eval mode and no weight gradients (only the image is optimised), restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+@dataclass
+class RenderResult:
+    pixels: torch.Tensor  # (N, C, H, W) in [0, 1], on the CPU
+    objective: torch.Tensor  # (N,) objective on the final images, without transforms
+    acts: dict[str, torch.Tensor]  # the objective's layers on the final images, without transforms (CPU)
+    failed_step: torch.Tensor  # (N,) step at which the objective went non-finite, -1 where it never did
+
+
+class Normalize(nn.Module):
+    """Pixels in [0, 1] -> the model's input, ``(x - mean) / std`` per channel."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: int, lr: float = 0.05,
+           mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), transforms: Transforms | None = None,
+           seed: int = 0, redirect_relu_steps: int = 0, labels: Sequence[str] | None = None,
+           on_nan: str = "error") -> RenderResult:
+    """Maximise ``objective`` (one value per image) over ``param``'s ``N`` images with Adam.
+
+    ``labels[i]`` names image ``i`` in error messages ("layer conv1 channel 3"). A non-finite
+    objective raises :class:`NumericalError` (``on_nan="error"``) or freezes that image at its last
+    finite parameters and records the step (``on_nan="skip"``).
+    """
+    transforms = transforms or Transforms.off()
+    norm = Normalize(mean, std)
+    gen = torch.Generator().manual_seed(int(seed))
+    n = param.n
+    labels = list(labels) if labels is not None else [f"image {i}" for i in range(n)]
+    failed_step = torch.full((n,), -1, dtype=torch.long)
+    alive = torch.ones(n, dtype=torch.bool, device=param.params.device)
+    opt = torch.optim.Adam([param.params], lr=lr)
+    with frozen(model):
+        for step in range(steps):
+            redirect = redirected_relus(model) if step < redirect_relu_steps else contextlib.nullcontext()
+            with redirect:
+                pixels = param()
+                acts = forward_capture(model, norm(transforms(pixels, gen)), objective.layers)
+                obj = objective(acts, pixels)
+            bad = ~torch.isfinite(obj.detach()) & alive
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                msg = (f"synthesis: objective {objective.name} is {float(obj[i])} for {labels[i]} at step {step} "
+                       f"(lower synthesis.lr, add regularisers, or set synthesis.on_nan=skip)")
+                if on_nan == "error":
+                    raise NumericalError(msg)
+                failed_step[bad.cpu()] = step
+                alive &= ~bad
+            if not alive.any():
+                break
+            opt.zero_grad(set_to_none=False)
+            (-torch.where(alive, obj, torch.zeros_like(obj)).sum()).backward()
+            keep = param.params.detach().clone() if not alive.all() else None
+            g = param.params.grad
+            g.copy_(torch.where(alive.view(-1, *[1] * (g.dim() - 1)), g, torch.zeros_like(g)))
+            opt.step()
+            if keep is not None:  # frozen images keep their last finite parameters
+                with torch.no_grad():
+                    param.params[~alive] = keep[~alive]
+        with torch.no_grad():
+            pixels = param()
+            acts = forward_capture(model, norm(pixels), objective.layers)
+            obj = objective(acts, pixels)
+    return RenderResult(pixels.detach().cpu(), obj.detach().cpu(),
+                        {k: v.detach().cpu() for k, v in acts.items()}, failed_step)
