@@ -52,10 +52,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load ``state`` strictly, naming the first missing, unexpected or mis-shaped tensor."""
     own = model.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
+    for key, expected in own.items():  # in the model's order, so "first" means first layer
+        if key in state and state[key].shape != expected.shape:
             raise WeightsError(
-                f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+                f"{source}: tensor '{key}' has shape {tuple(state[key].shape)}, the model expects {tuple(expected.shape)}"
             )
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
