@@ -33,6 +33,7 @@ def summary(cfg) -> None:
 STAGES = {
     "train": ("probe.train:train", "probe.config:TrainStage"),
     "summary": ("probe.cli:summary", "probe.config:SummaryStage"),
+    "activations": ("probe.activations.stage:run", "probe.activations.config:ActivationsStage"),
     "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
     "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
     "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),

@@ -1,0 +1,160 @@
+"""``probe activations run=<run dir>``: writes ``<run>/activations/``.
+
+Files: stats.parquet, class_means.parquet, hist.parquet, exemplars.parquet, exemplar_crops.npz,
+filters.npz, feature_maps.npz, metrics.json, PNG grids (``images=true``) and, with
+``save_state=true``, state.npz (the mergeable accumulators). See stats.py for the definitions.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from probe.activations.config import ActivationsStage
+from probe.activations.exemplars import TopK, crop_boxes, crop_images
+from probe.activations.grid import LogGrid
+from probe.activations.pictures import (kernel_arrays, save_crop_grid, save_feature_map_grid,
+                                        save_kernel_grids)
+from probe.activations.population import collect
+from probe.activations.stats import PopulationStats
+from probe.analysis import Context, open_run
+from probe.capture import Capture, resolve_layers
+from probe.rundir import staged_dir, write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: ActivationsStage) -> Path:
+    ctx = open_run(cfg)
+    model = ctx.run.model
+    layers = resolve_layers(model, cfg.layers, "layers")
+    num_classes = max(len(ctx.data.classes), int(ctx.labels.max()) + 1 if len(ctx.labels) else 0)
+    loader = DataLoader(ctx.dataset, batch_size=cfg.data.batch_size, shuffle=False,
+                        pin_memory=ctx.device.type == "cuda")
+    stats, tops = collect(model, loader, layers, ctx.device, num_classes, LogGrid(cfg.hist_bits, cfg.hist_octaves),
+                          cfg.top_k, cfg.hist_stride)
+    seen = [n for n in layers if stats[n].channels is not None]
+    for n in set(layers) - set(seen):
+        log.warning("activations: layer %s produced no tensor output; skipped", n)
+    fm_layers = resolve_layers(model, cfg.feature_map_layers, "feature_map_layers") if cfg.feature_map_layers else \
+        [n for n in seen if stats[n].shape != (1, 1)]
+
+    out = ctx.run.path / "activations"
+    with staged_dir(out) as tmp:
+        write_tables(stats, tops, seen, ctx.labels, cfg.per_channel_hist, tmp)
+        write_crops(ctx, tops, stats, seen, cfg.crop_channels, cfg.crop_size, cfg.images, tmp)
+        write_filters(model, layers, cfg.images, tmp)
+        write_feature_maps(ctx, fm_layers, cfg.images, tmp)
+        write_json(tmp / "metrics.json", metrics(stats, seen))
+        if cfg.save_state:
+            save_state(stats, tops, seen, tmp / "state.npz")
+    log.info("%s: activations of %d layers over %d images", out, len(seen), len(ctx.dataset))
+    return out
+
+
+def write_tables(stats: PopulationStats, tops: dict[str, TopK], layers: list[str], labels: np.ndarray,
+                 per_channel_hist: bool, folder: Path) -> None:
+    frames = {"stats": [], "class_means": [], "hist": [], "exemplars": []}
+    for n in layers:
+        s = stats[n]
+        frames["stats"].append(s.to_frame())
+        frames["class_means"].append(s.class_frame())
+        frames["hist"].append(s.hist_frame(per_channel_hist))
+        frames["exemplars"].append(tops[n].to_frame(s.shape[1], labels))
+    for name, parts in frames.items():
+        pd.concat(parts, ignore_index=True).to_parquet(folder / f"{name}.parquet", index=False)
+
+
+def metrics(stats: PopulationStats, layers: list[str]) -> dict:
+    dead, sparsity = {}, {}
+    for n in layers:
+        s = stats[n]
+        dead[n] = float((s.max.cpu().numpy() <= 0).mean())
+        sparsity[n] = float(1 - s.frac_active().mean())
+    return {"dead_fraction": dead, "sparsity": sparsity,
+            "dead_fraction_mean": float(np.mean(list(dead.values()))) if dead else None,
+            "sparsity_mean": float(np.mean(list(sparsity.values()))) if sparsity else None}
+
+
+def unit_geometry(ctx: Context, layers: list[str]) -> dict[str, tuple]:
+    """Per layer: receptive field (h, w), rf stride (h, w) from the run card, centre of unit (0, 0) in pixels."""
+    card = {r["name"]: r for r in ctx.run.card.get("layers", [])}
+    try:
+        from probe.models.summary import receptive_fields
+
+        example = ctx.probe_x[:1].to(ctx.device)
+        fields = receptive_fields(ctx.run.model, example)
+    except Exception:  # models fx cannot trace: assume maps centred on the input
+        fields = {}
+    size = ctx.probe_x.shape[-2:]
+    geo = {}
+    for n in layers:
+        row = card.get(n, {})
+        rf, stride = row.get("receptive_field"), row.get("rf_stride")
+        if n in fields:
+            fh, fw = fields[n]
+            rf, stride, c0 = rf or [round(fh.r), round(fw.r)], stride or [round(fh.j), round(fw.j)], (fh.c, fw.c)
+        else:
+            rf, stride = rf or list(size), stride or [1, 1]
+            c0 = None
+        geo[n] = (tuple(rf), tuple(stride), c0)
+    return geo
+
+
+def write_crops(ctx: Context, tops: dict[str, TopK], stats: PopulationStats, layers: list[str],
+                crop_channels: int | None, crop_size: int, images: bool, folder: Path) -> None:
+    """Crops around the max location of each exemplar, sized by the layer's receptive field."""
+    geo = unit_geometry(ctx, layers)
+    kept = {n: tops[n].state() for n in layers}
+    needed = np.unique(np.concatenate([kept[n]["index"][:crop_channels].reshape(-1) for n in layers]))
+    pixels = {int(i): ctx.data.denormalize(ctx.dataset[int(i)][0][None])[0].clamp(0, 1) for i in needed}
+    H, W = ctx.probe_x.shape[-2:]
+    arrays = {}
+    for n in layers:
+        k = kept[n]
+        idx, am = k["index"][:crop_channels].astype(np.int64), k["argmax"][:crop_channels].astype(np.int64)
+        C, K = idx.shape
+        h, w = stats[n].shape
+        rf, stride, c0 = geo[n]
+        if c0 is None:  # centre the map on the input
+            c0 = ((H - 1) / 2 - (h - 1) / 2 * stride[0], (W - 1) / 2 - (w - 1) / 2 * stride[1])
+        boxes = crop_boxes((am // w).reshape(-1), (am % w).reshape(-1), rf, stride, c0, (H, W))
+        crops = crop_images(torch.stack([pixels[int(i)] for i in idx.reshape(-1)]), boxes, crop_size)
+        arrays[f"{n}/crops"] = crops.reshape(C, K, *crops.shape[1:])
+        arrays[f"{n}/boxes"] = boxes.reshape(C, K, 4)  # top, left, height, width in input pixels
+        if images:
+            save_crop_grid(n, arrays[f"{n}/crops"], folder)
+    np.savez_compressed(folder / "exemplar_crops.npz", **arrays)
+
+
+def write_filters(model: torch.nn.Module, layers: list[str], images: bool, folder: Path) -> None:
+    arrays = kernel_arrays(model, layers)
+    np.savez_compressed(folder / "filters.npz", **arrays)
+    if images:
+        save_kernel_grids(arrays, folder)
+
+
+@torch.no_grad()
+def write_feature_maps(ctx: Context, layers: list[str], images: bool, folder: Path) -> None:
+    """Activations of ``layers`` for the fixed probe images (float16), plus the images themselves."""
+    with Capture(ctx.run.model, layers) as cap:
+        ctx.run.model(ctx.probe_x.to(ctx.device))
+    arrays = {"probe_index": np.asarray(ctx.probe_index), "probe_labels": ctx.probe_y.numpy(),
+              "probe_images": ctx.data.denormalize(ctx.probe_x).clamp(0, 1).numpy().astype(np.float16)}
+    for n in layers:
+        if n in cap.outputs:
+            arrays[n] = cap.outputs[n].float().cpu().numpy().astype(np.float16)
+            if images and arrays[n].ndim == 4:
+                save_feature_map_grid(n, arrays[n], arrays["probe_labels"], folder)
+    np.savez_compressed(folder / "feature_maps.npz", **arrays)
+
+
+def save_state(stats: PopulationStats, tops: dict[str, TopK], layers: list[str], path: Path) -> None:
+    arrays = {f"stats/{n}/{k}": v for n in layers for k, v in stats[n].state().items()}
+    arrays.update({f"topk/{n}/{k}": v for n in layers for k, v in tops[n].state().items()})
+    np.savez(path, **arrays)

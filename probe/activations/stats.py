@@ -1,0 +1,304 @@
+"""Streaming, mergeable per-channel statistics of a layer's activations.
+
+One :class:`LayerStats` per layer. ``update(x, y)`` takes a batch ``(N, C, H, W)`` (linear layers:
+``(N, F)``, i.e. ``F`` channels with one position) and does the work on ``x``'s device, with no
+host sync: per image and channel one pass each for the spatial sum, the sum of squares, the min
+and the max (with its location), and one integer shift + one ``bincount`` for a fine histogram
+on the fixed :class:`~probe.activations.grid.LogGrid`. Memory is fixed by the layer's shape, never
+by the number of images.
+
+Definitions (over every position of every image; ``count = images * H * W``):
+
+- ``mean``, ``std``: population mean and standard deviation (ddof=0), from float64 sums of the
+  float32 per-image sums and sums of squares about a per-channel shift (the first batch's channel
+  mean), so that a channel with a large mean and a small spread keeps its digits.
+- ``min``, ``max``: exact. ``frac_active``: fraction of positions with x > 0 (exact, from the
+  histogram's positive bins). ``dead``: never > 0 on the whole population (``max <= 0``).
+- ``q01``, ``q50``, ``q99``: from the fine histogram; each lies in the grid bin of the order
+  statistic at rank ``floor(q (n - 1))`` (numpy's interpolated quantile lies between that and the
+  next order statistic), so the error is at most one bin (plus that gap): relative
+  ``2^-bits`` of the value (bits=4: 6.25%), or ``2^-octaves`` absolute near zero.
+  With ``hist_stride > 1`` the histogram (hence quantiles and hist.parquet) counts every
+  ``hist_stride``-th position of each flattened map only: still exactly mergeable, but quantiles
+  of a fixed spatial subsample.
+- ``selectivity``: class selectivity index (Morcos et al. 2018) from the per-class mean
+  activation ``mu_k`` (mean over all positions of all images of class k, classes with images
+  only): ``(mu_max - mu_rest) / (mu_max + mu_rest)`` with ``mu_rest`` the mean of the other
+  classes' means. NaN where ``mu_max + mu_rest <= 1e-12`` (e.g. a dead channel) or with fewer
+  than two classes. In [0, 1] for non-negative activations; can exceed 1 for signed ones.
+
+Merging: counts, min, max and histograms merge exactly; sums in float64 to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from probe.activations.grid import LogGrid
+
+QUANTILES = (0.01, 0.5, 0.99)
+
+
+@dataclass
+class BatchSummary:
+    """Per image and channel, for the exemplars: spatial mean, spatial max and its flat index, ``(N, C)``."""
+
+    mean: torch.Tensor
+    max: torch.Tensor
+    argmax: torch.Tensor
+
+
+def as_maps(name: str, out: torch.Tensor) -> torch.Tensor:
+    """A layer output as float32 ``(N, C, H, W)``; linear ``(N, F)`` becomes ``(N, F, 1, 1)``."""
+    from probe.errors import ConfigError
+
+    if out.dim() == 2:
+        out = out[:, :, None, None]
+    elif out.dim() != 4:
+        raise ConfigError(f"layers: '{name}' outputs shape {tuple(out.shape)}; activations reads (N, C, H, W) or (N, F) outputs")
+    return out.float()
+
+
+class LayerStats:
+    """Streaming statistics of one layer; state lives on the device of the first batch."""
+
+    FIELDS = ("shift", "sum", "sumsq", "min", "max", "hist", "active", "class_sum", "class_images")
+
+    def __init__(self, name: str, grid: LogGrid, num_classes: int, hist_stride: int = 1):
+        self.name, self.grid, self.num_classes, self.hist_stride = name, grid, num_classes, hist_stride
+        self.channels: int | None = None
+        self.shape: tuple[int, int] | None = None  # (H, W)
+        self.count = 0  # positions per channel
+        self.hist_count = 0  # positions per channel in the histogram
+        self.images = 0
+
+    def _init(self, C: int, H: int, W: int, device: torch.device) -> None:
+        self.channels, self.shape, self.device = C, (H, W), device
+        f64 = dict(dtype=torch.float64, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.sum = torch.zeros(C, **f64)
+        self.sumsq = torch.zeros(C, **f64)  # sum of (x - shift)^2
+        self.shift = torch.zeros(C, dtype=torch.float32, device=device)
+        self.min = torch.full((C,), float("inf"), dtype=torch.float32, device=device)
+        self.max = torch.full((C,), float("-inf"), dtype=torch.float32, device=device)
+        self.hist = torch.zeros(self.grid.bins, C, **i64)  # (bins, C): row-wise adds are the fast ones
+        self.active = torch.zeros(C, **i64)  # used only with hist_stride > 1
+        self.class_sum = torch.zeros(self.num_classes, C, **f64)
+        self.class_images = torch.zeros(self.num_classes, **i64)
+        self._lut = self.grid.table(device)
+        g = self.grid
+        # offsets for the two histogram paths (see _histogram)
+        self._raw_offsets = (torch.arange(C, device=device, dtype=torch.int32) + g.half * C).view(1, C, 1)
+        self._channel = torch.arange(C, device=device).view(1, C, 1)
+        self._one = torch.ones(1, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> BatchSummary:
+        """Add a batch: ``x`` float32 ``(N, C, H, W)``, ``y`` ``(N,)`` int64 labels on ``x``'s device."""
+        N, C, H, W = x.shape
+        if self.channels is None:
+            self._init(C, H, W, x.device)
+            self.shift = x.mean((0, 2, 3))
+        elif (C, (H, W)) != (self.channels, self.shape):
+            raise ValueError(f"{self.name}: batch of shape {tuple(x.shape)} after maps of {self.channels}x{self.shape}")
+        xf = x.reshape(N, C, H * W)
+        if not xf.is_contiguous():
+            xf = xf.contiguous()
+        s = xf.sum(2)  # (N, C)
+        sq = torch.linalg.vector_norm(xf - self.shift.view(1, C, 1), dim=2).square_()
+        mn = xf.amin(2)
+        mx, am = xf.max(2)
+        self.sum += s.sum(0, dtype=torch.float64)
+        self.sumsq += sq.sum(0, dtype=torch.float64)
+        torch.minimum(self.min, mn.amin(0), out=self.min)
+        torch.maximum(self.max, mx.amax(0), out=self.max)
+        if x.is_cuda:  # a matmul: deterministic on CUDA, unlike index_add_ of floats
+            self.class_sum += torch.nn.functional.one_hot(y, self.num_classes).to(torch.float64).T @ s.to(torch.float64)
+        else:  # float32 per batch (float64 index_add_ stalls on a busy CPU), float64 across batches
+            self.class_sum += torch.zeros(self.num_classes, C, device=x.device).index_add_(0, y, s)
+        self.class_images += torch.bincount(y, minlength=self.num_classes)
+        self._histogram(xf)
+        self.count += N * H * W
+        self.images += N
+        return BatchSummary(s / (H * W), mx, am)
+
+    def _histogram(self, xf: torch.Tensor) -> None:
+        g, (N, C, P) = self.grid, xf.shape
+        if self.hist_stride > 1:
+            self.active += (xf > 0).sum((0, 2))
+            xf = xf[:, :, :: self.hist_stride]
+        keys = g.keys(xf)  # (N, C, P') int32
+        if keys.shape[0] * keys.shape[2] * 8 >= g.raw_bins:
+            # many values per channel: count (raw key, channel) pairs, laid out (raw key, C) so that
+            # folding raw keys into bins is a row-wise index_add_
+            keys *= C
+            keys += self._raw_offsets
+            raw = torch.bincount(keys.reshape(-1), minlength=g.raw_bins * C).view(g.raw_bins, C)
+            self.hist.index_add_(0, self._lut, raw)
+        else:  # few values per channel: map them through the table and add them in place (no raw x C zeroing)
+            keys += g.half
+            idx = self._lut[keys]
+            idx *= C
+            idx += self._channel
+            idx = idx.reshape(-1)
+            self.hist.view(-1).index_put_((idx,), self._one.expand(len(idx)), accumulate=True)
+        self.hist_count += N * keys.shape[2]
+
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        """Add ``other`` (statistics of other images of the same layer) into this one; returns self."""
+        if other.channels is None:
+            return self
+        if self.channels is None:
+            self._init(other.channels, *other.shape, other.device)
+        if (self.channels, self.shape, self.grid, self.hist_stride) != (other.channels, other.shape, other.grid, other.hist_stride):
+            raise ValueError(f"{self.name}: cannot merge statistics of different shapes, grids or strides")
+        # move other's squares to this shift: sum (x-a)^2 = sum (x-b)^2 + 2 (b-a) sum (x-b) + n (b-a)^2
+        a, b = self.shift.to(torch.float64), other.shift.to(self.device, torch.float64)
+        below = other.sum.to(self.device) - other.count * b
+        self.sumsq += other.sumsq.to(self.device) + 2 * (b - a) * below + other.count * (b - a) ** 2
+        self.sum += other.sum.to(self.device)
+        torch.minimum(self.min, other.min.to(self.device), out=self.min)
+        torch.maximum(self.max, other.max.to(self.device), out=self.max)
+        for f in ("hist", "active", "class_sum", "class_images"):
+            getattr(self, f).add_(getattr(other, f).to(self.device))
+        self.count += other.count
+        self.hist_count += other.hist_count
+        self.images += other.images
+        return self
+
+    # -- state (for sharding: save, load, merge) ---------------------------------------------
+    def state(self) -> dict[str, np.ndarray]:
+        meta = np.array([self.count, self.hist_count, self.images, self.num_classes, self.hist_stride,
+                         self.grid.bits, self.grid.octaves, *(self.shape or (0, 0))], dtype=np.int64)
+        out = {"meta": meta}
+        if self.channels is not None:
+            out.update({f: getattr(self, f).cpu().numpy() for f in self.FIELDS})
+        return out
+
+    @classmethod
+    def from_state(cls, name: str, state: dict[str, np.ndarray], device="cpu") -> "LayerStats":
+        count, hist_count, images, K, stride, bits, octaves, H, W = (int(v) for v in state["meta"])
+        self = cls(name, LogGrid(bits, octaves), K, stride)
+        if "sum" in state:
+            self._init(len(state["sum"]), H, W, torch.device(device))
+            for f in cls.FIELDS:
+                getattr(self, f).copy_(torch.as_tensor(state[f]))
+        self.count, self.hist_count, self.images = count, hist_count, images
+        return self
+
+    # -- results --------------------------------------------------------------------------------
+    def frac_active(self) -> np.ndarray:
+        if self.hist_stride > 1:
+            return self.active.cpu().numpy() / max(self.count, 1)
+        return self.hist[self.grid.first_active :].sum(0).cpu().numpy() / max(self.count, 1)
+
+    def class_means(self) -> np.ndarray:
+        """``(num_classes, C)`` mean activation per class (NaN for classes without images)."""
+        n = self.class_images.cpu().numpy().astype(np.float64) * (self.shape[0] * self.shape[1])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.class_sum.cpu().numpy() / n[:, None]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per channel: count, mean, std, min, max, q01, q50, q99, frac_active, dead, selectivity."""
+        n = max(self.count, 1)
+        mean = self.sum.cpu().numpy() / n
+        var = np.maximum(self.sumsq.cpu().numpy() / n - (mean - self.shift.cpu().numpy().astype(np.float64)) ** 2, 0.0)
+        mn, mx = self.min.cpu().numpy().astype(np.float64), self.max.cpu().numpy().astype(np.float64)
+        q = hist_quantiles(self.hist.T.cpu().numpy(), self.grid, QUANTILES, mn, mx)
+        frame = pd.DataFrame({
+            "layer": self.name, "channel": np.arange(self.channels), "count": np.int64(self.count),
+            "mean": mean, "std": np.sqrt(var), "min": mn, "max": mx,
+            **{f"q{round(p * 100):02d}": q[:, i] for i, p in enumerate(QUANTILES)},
+            "frac_active": self.frac_active(), "dead": mx <= 0, "selectivity": selectivity(self.class_means()),
+        })
+        return frame
+
+    def class_frame(self) -> pd.DataFrame:
+        cm = self.class_means()
+        K, C = cm.shape
+        return pd.DataFrame({"layer": self.name, "channel": np.tile(np.arange(C), K),
+                             "class": np.repeat(np.arange(K), C), "mean": cm.reshape(-1)})
+
+    def hist_frame(self, per_channel: bool = False) -> pd.DataFrame:
+        """Non-empty bins of the layer's histogram (``channel`` -1), and of every channel if asked."""
+        h = self.hist.T.cpu().numpy()
+        parts = [(-1, h.sum(0))] + ([(c, h[c]) for c in range(len(h))] if per_channel else [])
+        rows = []
+        for c, counts in parts:
+            nz = np.flatnonzero(counts)
+            rows.append(pd.DataFrame({"layer": self.name, "channel": c, "bin": nz, "lo": self.grid.lo[nz],
+                                      "hi": self.grid.hi[nz], "count": counts[nz]}))
+        return pd.concat(rows, ignore_index=True)
+
+
+def selectivity(class_means: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Class selectivity index per channel from ``(K, C)`` class means (NaN rows = absent classes)."""
+    cm = class_means[~np.isnan(class_means).any(1)]
+    if len(cm) < 2:
+        return np.full(class_means.shape[1], np.nan)
+    top = cm.max(0)
+    rest = (cm.sum(0) - top) / (len(cm) - 1)
+    den = top + rest
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > eps, (top - rest) / np.where(den > eps, den, 1.0), np.nan)
+
+
+def hist_quantiles(hist: np.ndarray, grid: LogGrid, qs, mn: np.ndarray, mx: np.ndarray) -> np.ndarray:
+    """Quantiles ``(C, len(qs))`` from per-channel grid histograms ``(C, B)``, within one bin of exact.
+
+    The bin holding the order statistic of rank ``floor(q (n - 1))`` is found from the cumulative
+    counts; inside it the value is interpolated as if its counts were spread evenly, and clipped
+    to the channel's exact [min, max] (which also replaces the infinite edges of overflow bins).
+    """
+    C = hist.shape[0]
+    cum = np.cumsum(hist, axis=1)
+    n = cum[:, -1].astype(np.float64)
+    out = np.full((C, len(qs)), np.nan)
+    lo = np.where(np.isfinite(grid.lo)[None, :], grid.lo[None, :], mn[:, None])
+    hi = np.where(np.isfinite(grid.hi)[None, :], grid.hi[None, :], mx[:, None])
+    rows = np.arange(C)
+    for i, q in enumerate(qs):
+        r = q * (n - 1)
+        b = np.minimum((cum <= r[:, None]).sum(1), hist.shape[1] - 1)
+        before = np.where(b > 0, cum[rows, np.maximum(b - 1, 0)], 0)
+        inside = hist[rows, b].astype(np.float64)
+        frac = np.clip((r - before + 0.5) / np.maximum(inside, 1), 0, 1)
+        v = lo[rows, b] + frac * (hi[rows, b] - lo[rows, b])
+        out[:, i] = np.where(n > 0, np.clip(v, mn, mx), np.nan)
+    return out
+
+
+class PopulationStats:
+    """:class:`LayerStats` of several layers, saved to / loaded from one npz, and merged."""
+
+    def __init__(self, layers: dict[str, LayerStats]):
+        self.layers = layers
+
+    def __getitem__(self, name: str) -> LayerStats:
+        return self.layers[name]
+
+    def merge(self, other: "PopulationStats") -> "PopulationStats":
+        for name, s in other.layers.items():
+            if name in self.layers:
+                self.layers[name].merge(s)
+            else:
+                self.layers[name] = s
+        return self
+
+    def save(self, path: Path) -> None:
+        arrays = {f"{name}/{k}": v for name, s in self.layers.items() for k, v in s.state().items()}
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: Path, device="cpu") -> "PopulationStats":
+        with np.load(path) as z:
+            grouped: dict[str, dict] = {}
+            for key in z.files:
+                name, field = key.rsplit("/", 1)
+                grouped.setdefault(name, {})[field] = z[key]
+        return cls({n: LayerStats.from_state(n, st, device) for n, st in grouped.items()})

@@ -1,0 +1,278 @@
+"""probe.activations against brute force on all activations held in memory.
+
+Tolerances: counts, min, max, frac_active, dead, histograms and exemplar indices exact; mean and
+class means rtol 1e-5 and std rtol 1e-4 (float32 per-image sums, float64 across images);
+quantiles: the estimate lies in the grid bin (relative width 2^-bits) of the order statistic of
+rank floor(q (n - 1)), and within one bin plus the gap to the next order statistic of
+numpy's interpolated quantile.
+"""
+
+from __future__ import annotations
+
+from contextlib import redirect_stderr
+from io import StringIO
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from probe.activations import LogGrid, PopulationStats, TopK, collect
+from probe.activations.stats import selectivity
+
+K_CLASSES = 4
+
+
+class Net(nn.Module):
+    """conv -> in-place ReLU (so hooks must read conv1 before it is overwritten) -> pool -> conv -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 5, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(5, 6, 3)
+        self.fc = nn.Linear(6 * 2 * 2, 7)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv1(x)))
+        return self.fc(torch.flatten(self.conv2(x), 1))
+
+    def brute(self, x) -> dict[str, torch.Tensor]:
+        """Every layer's output for all of ``x`` at once, computed without hooks."""
+        c1 = self.conv1(x)
+        p = self.pool(torch.relu(c1))
+        c2 = self.conv2(p)
+        return {"conv1": c1, "pool": p, "conv2": c2, "fc": self.fc(torch.flatten(c2, 1))[:, :, None, None]}
+
+
+LAYERS = ["conv1", "pool", "conv2", "fc"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.conv2.bias[0] = -100.0  # a dead channel
+    x = torch.randn(45, 2, 9, 9)
+    y = torch.randint(0, K_CLASSES, (45,))
+    y[:K_CLASSES] = torch.arange(K_CLASSES)
+    with torch.no_grad():
+        acts = {k: v.numpy().astype(np.float64) for k, v in model.brute(x).items()}
+    return model, x, y, acts
+
+
+def batches(x, y, size):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def run(model, x, y, size=8, start=0, grid=None, stride=1, k=3):
+    return collect(model, batches(x, y, size), LAYERS, torch.device("cpu"), K_CLASSES, grid or LogGrid(),
+                   top_k=k, hist_stride=stride, start=start)
+
+
+def brute_quantile_ok(est, flat, q, grid):
+    """``est`` (C,) against the sorted values ``flat`` (C, n) of each channel."""
+    srt = np.sort(flat.astype(np.float32), axis=1)
+    r = q * (srt.shape[1] - 1)
+    below, above = srt[:, int(np.floor(r))], srt[:, int(np.ceil(r))]
+    b = grid.bin_of(below)
+    in_bin = (est >= np.maximum(grid.lo[b], srt[:, 0])) & (est <= np.minimum(grid.hi[b], srt[:, -1]))
+    exact = np.quantile(flat, q, axis=1)
+    width = np.minimum(grid.hi[b], srt[:, -1]) - np.maximum(grid.lo[b], srt[:, 0])
+    return in_bin & (np.abs(est - exact) <= width + (above - below) + 1e-9)
+
+
+def test_grid_bins_are_ordered_and_contain_their_values():
+    g = LogGrid(bits=3, octaves=10)
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.standard_normal(20000) * np.exp(rng.standard_normal(20000) * 6),
+                        [0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, np.inf, -np.inf, 1.0, -1.0, 2.0**-10, 2.0**10]])
+    v = v.astype(np.float32)
+    fast = g.lut[g.keys(torch.from_numpy(v)).numpy().astype(np.int64) + g.half]
+    assert np.array_equal(fast, g.bin_of(v))
+    order = np.lexsort((~np.signbit(v), v))  # by value, -0.0 before +0.0
+    assert np.all(np.diff(fast[order]) >= 0)  # bins increase with the value
+    assert np.all((v >= g.lo[fast]) & (v <= g.hi[fast]))
+    assert np.all((fast >= g.first_active) == (v > 0))
+    assert np.all(np.diff(g.lo) >= 0) and np.all(g.hi >= g.lo)
+
+
+def test_every_statistic_matches_brute_force(setup):
+    model, x, y, acts = setup
+    stats, _ = run(model, x, y, size=8)
+    grid = LogGrid()
+    yn = y.numpy()
+    for name in LAYERS:
+        a = acts[name]  # (N, C, H, W)
+        N, C, H, W = a.shape
+        flat = a.transpose(1, 0, 2, 3).reshape(C, -1)
+        f = stats[name].to_frame()
+        assert (f["count"] == N * H * W).all()
+        np.testing.assert_allclose(f["mean"], flat.mean(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f["std"], flat.std(1), rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(f["min"], flat.min(1).astype(np.float32))
+        np.testing.assert_array_equal(f["max"], flat.max(1).astype(np.float32))
+        np.testing.assert_array_equal(f["frac_active"], (flat > 0).mean(1))
+        np.testing.assert_array_equal(f["dead"], ~(flat > 0).any(1))
+        for col, q in (("q01", 0.01), ("q50", 0.5), ("q99", 0.99)):
+            assert brute_quantile_ok(f[col].to_numpy(), flat, q, grid).all(), (name, col)
+        # per-class means and the selectivity index, written out independently
+        means = np.stack([a[yn == k].mean((0, 2, 3)) for k in range(K_CLASSES)])
+        cm = stats[name].class_frame().pivot(index="class", columns="channel", values="mean").to_numpy()
+        np.testing.assert_allclose(cm, means, rtol=1e-5, atol=1e-6)
+        for c in range(C):
+            top = means[:, c].max()
+            rest = (means[:, c].sum() - top) / (K_CLASSES - 1)
+            want = (top - rest) / (top + rest) if top + rest > 1e-12 else np.nan
+            np.testing.assert_allclose(f["selectivity"][c], want, rtol=1e-4, atol=1e-6)
+        # histogram: per layer and per channel, exact
+        bins = grid.bin_of(a.astype(np.float32).transpose(1, 0, 2, 3).reshape(C, -1))
+        per_channel = np.stack([np.bincount(b, minlength=grid.bins) for b in bins])
+        np.testing.assert_array_equal(stats[name].hist.T.numpy(), per_channel)
+        h = stats[name].hist_frame(per_channel=True)
+        layer = h[h.channel == -1]
+        np.testing.assert_array_equal(layer["count"], per_channel.sum(0)[layer["bin"]])
+        assert layer["count"].sum() == N * C * H * W
+    assert bool(stats["conv2"].to_frame()["dead"][0])
+
+
+def test_inplace_relu_does_not_corrupt_statistics(setup):
+    """conv1 is followed by ReLU(inplace=True): the statistics must see its negative outputs."""
+    model, x, y, acts = setup
+    stats, tops = run(model, x, y)
+    f = stats["conv1"].to_frame()
+    assert (f["min"] < 0).all()
+    np.testing.assert_array_equal(f["min"], acts["conv1"].min((0, 2, 3)).astype(np.float32))
+    np.testing.assert_array_less(f["frac_active"], 1.0)
+    # the ReLU that ran in place still produced the right model output
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), acts["fc"][:, :, 0, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_exemplars_are_the_brute_force_top_k(setup):
+    model, x, y, acts = setup
+    k = 4
+    _, tops = run(model, x, y, size=7, k=k)
+    for name in LAYERS:
+        a = acts[name].astype(np.float32)
+        N, C, H, W = a.shape
+        spatial_mean = a.reshape(N, C, -1).astype(np.float64).mean(2)
+        got = tops[name].to_frame(W, y.numpy())
+        assert list(got.columns) == ["layer", "channel", "rank", "index", "value", "max_value", "y", "x", "label"]
+        for c in range(C):
+            order = np.lexsort((np.arange(N), -spatial_mean[:, c]))[:k]  # value desc, then index asc
+            g = got[got.channel == c].sort_values("rank")
+            assert g["rank"].tolist() == list(range(k))
+            np.testing.assert_allclose(g["value"], spatial_mean[order, c], rtol=1e-5, atol=1e-6)
+            # the chosen images are the top-k (ties could reorder equal values only)
+            np.testing.assert_allclose(np.sort(spatial_mean[g["index"], c]), np.sort(spatial_mean[order, c]), rtol=1e-5, atol=1e-6)
+            maps = a[g["index"].to_numpy(), c].reshape(k, -1)
+            np.testing.assert_array_equal(g["max_value"], maps.max(1))
+            np.testing.assert_array_equal(maps[np.arange(k), g["y"] * W + g["x"]], maps.max(1))
+            np.testing.assert_array_equal(g["label"], y.numpy()[g["index"]])
+    # ties (equal spatial means) go to the lowest image index
+    flat = torch.zeros(10, 2, 1, 1)
+    flat[7, 1] = 1.0
+    top = TopK("t", 3)
+    for start in (0, 4, 8):
+        s = flat[start : start + 4]
+        from probe.activations.stats import BatchSummary
+
+        top.update(BatchSummary(s[:, :, 0, 0], s[:, :, 0, 0], torch.zeros(len(s), 2, dtype=torch.long)), start)
+    f = top.to_frame(1, np.zeros(10, dtype=int))
+    assert f[f.channel == 0]["index"].tolist() == [0, 1, 2]
+    assert f[f.channel == 1]["index"].tolist() == [7, 0, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_merge_of_random_splits_equals_one_pass(setup, seed, stride, tmp_path):
+    """merge(stats(A), stats(B), ...) == stats(A + B + ...), on the very same batches (a conv's float
+    rounding may depend on the batch size, which is not what this tests)."""
+    model, x, y, _ = setup
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, len(x)), size=2, replace=False))
+    shards = []
+    for lo, hi in zip([0, *cuts], [*cuts, len(x)]):
+        size = int(rng.integers(1, 12))
+        shards.append((int(lo), [(x[i : min(i + size, hi)], y[i : min(i + size, hi)]) for i in range(lo, hi, size)]))
+    cpu = torch.device("cpu")
+    whole, whole_top = collect(model, [b for _, bs in shards for b in bs], LAYERS, cpu, K_CLASSES, top_k=3, hist_stride=stride)
+    parts = [collect(model, bs, LAYERS, cpu, K_CLASSES, top_k=3, hist_stride=stride, start=lo) for lo, bs in shards]
+    # shard 0 goes through a save / load round trip, as a sharded run would
+    parts[0][0].save(tmp_path / "shard0.npz")
+    merged = PopulationStats.load(tmp_path / "shard0.npz")
+    tops = {n: TopK.from_state(n, 3, parts[0][1][n].state()) for n in LAYERS}
+    for stats, top in parts[1:][::-1]:  # any order
+        merged.merge(stats)
+        for n in LAYERS:
+            tops[n].merge(top[n])
+    for n in LAYERS:
+        a, b = whole[n], merged[n]
+        assert (a.count, a.hist_count, a.images) == (b.count, b.hist_count, b.images)
+        for field in ("min", "max", "hist", "active", "class_images"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (n, field)
+        for field in ("sum", "class_sum"):  # float32 per-image sums, grouped differently: float tolerance
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-6)
+        fa, fb = a.to_frame(), b.to_frame()
+        np.testing.assert_allclose(fa["mean"], fb["mean"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(fa["std"], fb["std"], rtol=1e-5, atol=1e-7)
+        pd.testing.assert_frame_equal(fa.drop(columns=["mean", "std", "selectivity"]), fb.drop(columns=["mean", "std", "selectivity"]))
+        pd.testing.assert_frame_equal(whole_top[n].to_frame(a.shape[1], y.numpy()), tops[n].to_frame(a.shape[1], y.numpy()))
+
+
+def test_hist_stride_keeps_exact_activity_and_subsamples_histogram(setup):
+    model, x, y, acts = setup
+    stats, _ = run(model, x, y, stride=3)
+    a = acts["conv1"]
+    N, C, H, W = a.shape
+    f = stats["conv1"].to_frame()
+    flat = a.transpose(1, 0, 2, 3).reshape(C, -1)
+    np.testing.assert_array_equal(f["frac_active"], (flat > 0).mean(1))
+    sub = a.reshape(N, C, -1)[:, :, ::3].transpose(1, 0, 2).reshape(C, -1)
+    assert stats["conv1"].hist_count == sub.shape[1]
+    grid = LogGrid()
+    per_channel = np.stack([np.bincount(b, minlength=grid.bins) for b in grid.bin_of(sub.astype(np.float32))])
+    np.testing.assert_array_equal(stats["conv1"].hist.T.numpy(), per_channel)
+
+
+def test_selectivity_guards_division():
+    means = np.array([[0.0, 1.0, -1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])  # dead / one-hot / signed
+    si = selectivity(means)
+    assert np.isnan(si[0])
+    assert si[1] == pytest.approx(1.0)
+    top, rest = 1.0, -0.5
+    assert si[2] == pytest.approx((top - rest) / (top + rest))
+    assert np.isnan(selectivity(means[:1])).all()  # one class only
+
+
+def test_cli_end_to_end_and_bad_layer(tmp_path):
+    from probe.cli import main
+
+    run_dir = tmp_path / "tiny"
+    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={run_dir}",
+                 f"hydra.run.dir={tmp_path / 'h'}"]) == 0
+    assert main(["activations", f"run={run_dir}", "top_k=3", "data.limit=100"]) == 0
+    out = run_dir / "activations"
+    for f in ("stats.parquet", "class_means.parquet", "hist.parquet", "exemplars.parquet", "exemplar_crops.npz",
+              "filters.npz", "feature_maps.npz", "metrics.json", "filters_conv1_signed_scaled.png",
+              "filters_conv2_mean_over_input_channels.png", "feature_maps_conv1.png", "exemplars_conv1.png"):
+        assert (out / f).is_file(), f
+    stats = pd.read_parquet(out / "stats.parquet")
+    assert set(stats.layer) == {"conv1", "pool", "conv2", "gap", "fc"}
+    assert (stats["count"][stats.layer == "fc"] == 100).all()  # linear units: one position per image
+    ex = pd.read_parquet(out / "exemplars.parquet")
+    assert len(ex) == 3 * len(stats) and ex.groupby(["layer", "channel"]).size().eq(3).all()
+    assert ex["index"].between(0, 99).all()
+    with np.load(out / "exemplar_crops.npz") as z:
+        assert z["conv1/crops"].shape[:2] == (4, 3)
+    # a bad layer name: exit code 2, the closest valid name in the message
+    err = StringIO()
+    with redirect_stderr(err):
+        code = main(["activations", f"run={run_dir}", "layers=[conv_2]"])
+    assert code == 2
+    assert "conv_2" in err.getvalue() and "did you mean 'conv2'" in err.getvalue()
+    assert (out / "stats.parquet").is_file()  # the earlier output is untouched
