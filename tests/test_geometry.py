@@ -89,6 +89,27 @@ def test_zero_filled_shift_compares_the_overlap():
     assert df["error"].max() < 1e-6
 
 
+@pytest.mark.parametrize("mode", ["circular", "zero"])
+def test_zero_padding_errors_sit_at_the_border(mode):
+    # ordinary zero padding breaks equivariance at the border only; away from it, stride 1 is exact
+    # and stride 2 is exact for even shifts, aliased for odd ones
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1)).eval()
+    x = torch.randn(3, 1, 24, 24)
+    df = equivariance_table(model, x, ["0", "2"], fields_for(model, x, ["0", "2"]), [1, 2, -2, 3], ["x", "y"], [mode],
+                            fill=0.3)
+    first, second = df[df["layer"] == "0"], df[df["layer"] == "2"]
+    assert first["error"].min() > 1e-3 and first["error_interior"].max() < 1e-5
+    assert (first["interior_units"] > 0).all()
+    even, odd = second[second["shift"] % 2 == 0], second[second["shift"] % 2 == 1]
+    assert even["error_interior"].max() < 1e-5 and odd["error_interior"].min() > 1e-2
+    # layer "2" (RF 5, stride 2): unit u sees pixels 2u-2 .. 2u+2; brute-force count for a shift of +2
+    # (unit u of the shifted map must see moved content only, its partner u-1 no padding)
+    row = second[(second["shift"] == 2) & (second["axis"] == "x")].iloc[0]
+    count = sum(1 for u in range(12) if 2 * u - 2 >= 2 and 2 * u + 2 <= 23 and 2 * (u - 1) - 2 >= 0)
+    assert row["interior_units"] == count
+
+
 def single_conv(n: int) -> nn.Sequential:
     convs = [nn.Conv2d(1, 1, 3, padding=1, bias=False) for _ in range(n)]
     for c in convs:
@@ -143,6 +164,7 @@ def test_invariance_of_circular_conv_and_global_pooling():
     assert rot["accuracy"].item() == pytest.approx(float((p1 == y).float().mean()))
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_writes_every_file(tmp_path):
     from probe.cli import main
 
@@ -192,3 +214,13 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     assert main(["geometry", f"run={run}", "shift.modes=[wrap]"]) == 2
     assert main(["geometry", f"run={run}", "layers=[conv9]"]) == 2
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_erf_rms_of_a_uniform_3x3_block():
+    m = np.zeros((9, 9))
+    m[3:6, 3:6] = 1.0
+    from probe.geometry.erf import erf_rms
+
+    # mean squared distance: 4 corners at 2, 4 edges at 1, centre at 0 -> 12 / 9
+    assert erf_rms(m, (4, 4)) == pytest.approx(np.sqrt(12 / 9))
+    assert erf_rms(m) == pytest.approx(np.sqrt(12 / 9))

@@ -31,10 +31,28 @@ def has_map(y: torch.Tensor) -> bool:
     return y.dim() == 4 and y.shape[-1] > 1 and y.shape[-2] > 1
 
 
+def interior_units(f: LayerField, axis: str, length: int, image: int, n: int, k: int) -> torch.Tensor:
+    """Units ``u`` (along ``axis``) of ``f(Tx)`` whose receptive field lies in the moved content and whose
+    partner ``u - k`` in ``f(x)`` sees no padding: there border effects cannot explain an error, only
+    sub-sampling can. Empty when the field is unknown or wider than what the image leaves."""
+    if f.centre0 is None or f.trf is None:
+        return torch.empty(0, dtype=torch.long)
+    a = 0 if axis == "y" else 1
+    c0, j, half = f.centre0[a], f.stride[a], (f.trf[a] - 1) / 2
+    u = torch.arange(length)
+    lo, hi = c0 + u * j - half, c0 + u * j + half
+    lo_ref, hi_ref = lo - k * j, hi - k * j
+    ok = (lo >= max(n, 0)) & (hi <= image - 1 + min(n, 0)) & (lo_ref >= 0) & (hi_ref <= image - 1)
+    ok &= (u - k >= 0) & (u - k < length)
+    return u[ok]
+
+
 def equivariance_rows(base: dict[str, torch.Tensor], moved: dict[str, torch.Tensor], layers: list[str],
-                      fields: dict[str, LayerField], types: dict[str, str], mode: str, axis: str, n: int) -> list[dict]:
-    """Rows for one shift: ``base``/``moved`` are the layers' outputs for ``x`` and for ``x`` shifted by
-    ``n`` pixels along ``axis`` with border ``mode``; layers without a spatial map are skipped."""
+                      fields: dict[str, LayerField], types: dict[str, str], mode: str, axis: str, n: int,
+                      image: int) -> list[dict]:
+    """Rows for one shift: ``base``/``moved`` are the layers' outputs for ``x`` (``image`` pixels along
+    ``axis``) and for ``x`` shifted by ``n`` pixels along ``axis`` with border ``mode``; layers without a
+    spatial map are skipped."""
     dim = AXIS_DIM[axis]
     rows = []
     for name in layers:
@@ -47,10 +65,13 @@ def equivariance_rows(base: dict[str, torch.Tensor], moved: dict[str, torch.Tens
         errs = [(normalised_error(*overlap(moved[name], base[name], k, dim, mode)), k) for k in ks]
         finite = [e for e in errs if not math.isnan(e[0])]
         err, k = min(finite) if finite else errs[0]
+        u = interior_units(fields[name], axis, base[name].shape[dim], image, n, k)
+        err_in = normalised_error(moved[name].index_select(dim, u), base[name].index_select(dim, u - k))
         rows.append({"layer": name, "type": types[name], "depth": layers.index(name), "mode": mode,
                      "axis": axis, "shift": int(n), "stride": float(stride), "feature_shift": int(k),
                      "feature_shift_exact": float(exact), "fractional": bool(fractional),
-                     "error": err, "map_size": int(base[name].shape[dim])})
+                     "error": err, "error_interior": err_in, "interior_units": int(len(u)),
+                     "map_size": int(base[name].shape[dim])})
     return rows
 
 
@@ -60,7 +81,9 @@ def equivariance_table(model: nn.Module, x: torch.Tensor, layers: list[str], fie
     """One row per (layer with a spatial map, mode, axis, shift) for images ``x`` ``(N, C, H, W)``.
 
     Columns: layer, type, depth (index in ``layers``), mode, axis, shift (input pixels), stride,
-    feature_shift (map units compared), feature_shift_exact (shift / stride), fractional, error,
+    feature_shift (map units compared), feature_shift_exact (shift / stride), fractional, error
+    (circular: whole maps; zero: the overlap), error_interior and interior_units (only units whose
+    receptive field sees neither padding nor what came in at the border: NaN when there are none),
     map_size (units along the axis).
     """
     _, base = layer_outputs(model, x, layers, batch_size, device)
@@ -71,9 +94,9 @@ def equivariance_table(model: nn.Module, x: torch.Tensor, layers: list[str], fie
         for axis in axes:
             for n in shifts:
                 _, moved = layer_outputs(model, shift(x, n, AXIS_DIM[axis], mode, fill), spatial, batch_size, device)
-                rows += equivariance_rows(base, moved, layers, fields, types, mode, axis, n)
+                rows += equivariance_rows(base, moved, layers, fields, types, mode, axis, n, x.shape[AXIS_DIM[axis]])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 COLUMNS = ["layer", "type", "depth", "mode", "axis", "shift", "stride", "feature_shift", "feature_shift_exact",
-           "fractional", "error", "map_size"]
+           "fractional", "error", "error_interior", "interior_units", "map_size"]

@@ -31,6 +31,23 @@ def erf_maps(model: nn.Module, x: torch.Tensor, layers: list[str],
     return out
 
 
+def centre_of_mass(m: np.ndarray) -> tuple[float, float]:
+    yy, xx = np.mgrid[0 : m.shape[0], 0 : m.shape[1]]
+    total = m.sum()
+    return float((m * yy).sum() / total), float((m * xx).sum() / total)
+
+
+def erf_rms(m: np.ndarray, centre: tuple[float, float] | None = None) -> float:
+    """Root-mean-square distance of the map's mass from ``centre`` (None: its centre of mass): the
+    Gaussian-like spread that Luo et al. describe, without a mass threshold."""
+    total = m.sum()
+    if not np.isfinite(total) or total <= 0:
+        return float("nan")
+    cy, cx = centre if centre is not None else centre_of_mass(m)
+    yy, xx = np.mgrid[0 : m.shape[0], 0 : m.shape[1]]
+    return float(np.sqrt((m * ((yy - cy) ** 2 + (xx - cx) ** 2)).sum() / total))
+
+
 def erf_size(m: np.ndarray, centre: tuple[float, float] | None = None, mass: float = 0.95) -> tuple[float, float]:
     """(side of the smallest centred square, radius of the smallest centred disc) holding ``mass`` of ``m``.
 
@@ -41,9 +58,7 @@ def erf_size(m: np.ndarray, centre: tuple[float, float] | None = None, mass: flo
     if not np.isfinite(total) or total <= 0:
         return float("nan"), float("nan")
     yy, xx = np.mgrid[0 : m.shape[0], 0 : m.shape[1]]
-    if centre is None:
-        centre = (float((m * yy).sum() / total), float((m * xx).sum() / total))
-    cy, cx = centre
+    cy, cx = centre if centre is not None else centre_of_mass(m)
     w = m.ravel()
     sizes = []
     for dist in (np.maximum(np.abs(yy - cy), np.abs(xx - cx)), np.hypot(yy - cy, xx - cx)):

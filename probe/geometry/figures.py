@@ -18,21 +18,33 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _unit(img: np.ndarray) -> np.ndarray:
+    lo, hi = float(img.min()), float(img.max())
+    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img, dtype=float)
+
+
+def _mosaic(ax, tiles: list[list[np.ndarray]], rows: list[str], cols: list[str], cmap: str | None) -> None:
+    """Tiles of equal size ``(h, w)`` or ``(h, w, 3)``, each scaled to [0, 1], drawn as one image on one
+    axes (one axes per tile costs seconds in matplotlib)."""
+    h, w = tiles[0][0].shape[:2]
+    rgb = tiles[0][0].ndim == 3
+    grid = np.ones(((h + 1) * len(rows) + 1, (w + 1) * len(cols) + 1) + ((3,) if rgb else ()))
+    for r, row in enumerate(tiles):
+        for c, t in enumerate(row):
+            grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = _unit(t)
+    ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([1 + c * (w + 1) + w / 2 - 0.5 for c in range(len(cols))], cols, rotation=45, ha="left", fontsize=7)
+    ax.set_yticks([1 + r * (h + 1) + h / 2 - 0.5 for r in range(len(rows))], rows, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+
+
 def erf_heatmaps(maps: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     """One row per input kind (probe, noise), one column per layer: ERF maps, each scaled to its maximum."""
     kinds = list(maps)
     layers = list(maps[kinds[0]])
-    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(1.6 * len(layers) + 0.6, 1.7 * len(kinds)), squeeze=False)
-    for r, kind in enumerate(kinds):
-        for c, name in enumerate(layers):
-            ax = axes[r][c]
-            m = maps[kind][name]
-            ax.imshow(m / m.max() if m.max() > 0 else m, cmap="magma", vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name, fontsize=7)
-            if c == 0:
-                ax.set_ylabel(kind, fontsize=8)
+    fig, ax = plt.subplots(figsize=(1.1 * len(layers) + 1.2, 1.2 * len(kinds) + 1.0))
+    _mosaic(ax, [[maps[k][n] for n in layers] for k in kinds], kinds, layers, "magma")
     _save(fig, path)
 
 
@@ -95,14 +107,12 @@ def dynamics(df: pd.DataFrame, filters: dict[str, np.ndarray], path_curves: Path
     if filters:
         epochs = list(filters)
         n = min(16, filters[epochs[0]].shape[0])
-        fig, axes = plt.subplots(len(epochs), n, figsize=(0.7 * n + 0.8, 0.75 * len(epochs)), squeeze=False)
-        for r, e in enumerate(epochs):
-            w = filters[e]
-            for c in range(n):
-                f = w[c]
-                img = f.transpose(1, 2, 0) if f.shape[0] == 3 else f.mean(0)
-                lo, hi = img.min(), img.max()
-                axes[r][c].imshow((img - lo) / (hi - lo) if hi > lo else img * 0, cmap=None if img.ndim == 3 else "gray")
-                axes[r][c].set_xticks([]), axes[r][c].set_yticks([])
-            axes[r][0].set_ylabel(e.replace("epoch_", "ep "), fontsize=7)
+
+        def tile(f):  # (in, k, k): RGB when there are 3 input channels, else their mean
+            return f.transpose(1, 2, 0) if f.shape[0] == 3 else f.mean(0)
+
+        fig, ax = plt.subplots(figsize=(0.45 * n + 1.0, 0.5 * len(epochs) + 0.8))
+        _mosaic(ax, [[tile(filters[e][c]) for c in range(n)] for e in epochs],
+                [e.replace("epoch_", "epoch ") for e in epochs], [str(c) for c in range(n)], "gray")
+        ax.set_title("first-layer filters", fontsize=8)
         _save(fig, path_filters)

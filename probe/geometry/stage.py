@@ -17,7 +17,7 @@ from probe.geometry import figures
 from probe.geometry.config import GeometryStage
 from probe.geometry.dynamics import dynamics_table, snapshot_paths
 from probe.geometry import equivariance, invariance
-from probe.geometry.erf import erf_maps, erf_size
+from probe.geometry.erf import erf_maps, erf_rms, erf_size
 from probe.geometry.fields import LayerField, layer_fields
 from probe.geometry.forward import layer_outputs, module_types
 from probe.geometry.invariance import Transform, transforms
@@ -34,7 +34,8 @@ def call_order(card: dict, layers: list[str]) -> list[str]:
 
 def erf_table(maps: dict[str, dict], fields: dict[str, LayerField], card: dict, types: dict[str, str],
               layers: list[str], mass: float, image_size: int) -> pd.DataFrame:
-    """One row per (input kind, layer): ERF side and radius, theoretical RF and their ratio."""
+    """One row per (input kind, layer): ERF side (smallest centred square holding ``mass``), radius
+    (smallest disc), RMS spread, the theoretical RF (side) and the ratio of ERF to TRF side."""
     trf_card = {r["name"]: r.get("receptive_field") for r in card.get("layers", [])}
     rows = []
     for kind, per_layer in maps.items():
@@ -45,7 +46,7 @@ def erf_table(maps: dict[str, dict], fields: dict[str, LayerField], card: dict, 
             trf = trf_card.get(name) or (list(f.trf) if f.trf else None)
             trf_side = float(max(trf)) if trf else float("nan")
             rows.append({"input": kind, "layer": name, "type": types[name], "depth": layers.index(name),
-                         "erf_side": side, "erf_radius": radius, "mass": mass, "trf": trf_side,
+                         "erf_side": side, "erf_radius": radius, "erf_rms": erf_rms(m, centre), "mass": mass, "trf": trf_side,
                          "erf_trf_ratio": side / trf_side if trf_side == trf_side else float("nan"),
                          "trf_in_image": min(trf_side, image_size), "image_size": image_size,
                          "centre_y": float("nan") if centre is None else centre[0],
@@ -63,7 +64,8 @@ def shift_tables(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, layer
     for t in ts:
         out, acts = layer_outputs(model, t.apply(x), layers, batch_size, device)
         if t.kind == "shift":
-            eq += equivariance.equivariance_rows(base, acts, layers, fields, types, t.mode, t.axis, int(t.amount))
+            eq += equivariance.equivariance_rows(base, acts, layers, fields, types, t.mode, t.axis, int(t.amount),
+                                                   x.shape[-2 if t.axis == "y" else -1])
         inv += invariance.invariance_rows(t, out0, base, out, acts, y, layers, types)
     return pd.DataFrame(eq, columns=equivariance.COLUMNS), pd.DataFrame(inv, columns=invariance.COLUMNS)
 
@@ -93,6 +95,7 @@ def headline(eq: pd.DataFrame, inv: pd.DataFrame, erf: pd.DataFrame, fields: dic
                 sel = eq[(eq["layer"] == name) & (eq["shift"] == 1) & (eq["mode"] == mode)]
                 if len(sel):
                     out["equivariance"][f"{tag}_shift1_{mode}"] = _finite(sel["error"].mean())
+                    out["equivariance"][f"{tag}_shift1_{mode}_interior"] = _finite(sel["error_interior"].mean())
     last = deepest_conv(erf, fields)
     if last is not None:
         sel = erf[erf["layer"] == last]
@@ -109,7 +112,8 @@ def headline(eq: pd.DataFrame, inv: pd.DataFrame, erf: pd.DataFrame, fields: dic
     clean = inv[inv["layer"] == "output"]["accuracy_clean"]
     if len(clean):
         out["survival"]["accuracy_clean"] = _finite(clean.iloc[0])
-    return {k: v for k, v in out.items() if v}
+    out = {k: {name: v for name, v in d.items() if v is not None} for k, d in out.items()}
+    return {k: d for k, d in out.items() if d}
 
 
 def run(cfg: GeometryStage) -> Path:
