@@ -35,7 +35,6 @@ STAGES = {
     "summary": ("probe.cli:summary", "probe.config:SummaryStage"),
     "activations": ("probe.activations.stage:run", "probe.activations.config:ActivationsStage"),
     "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
-    "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
     "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),
     "saliency": ("probe.saliency.stage:run", "probe.saliency.config:SaliencyStage"),
 }

@@ -78,7 +78,7 @@ def channel(layer: str, channels, kind: str = "mean") -> Objective:
         raise ValueError(f"channel objective kind '{kind}': allowed mean, squared_norm")
 
     def fn(acts: Acts, _x):
-        h = _pick(acts[layer], channels).flatten(1)  # (N, positions)
+        h = _pick(acts[layer], channels).reshape(acts[layer].shape[0], -1)  # (N, positions)
         return h.mean(1) if kind == "mean" else h.pow(2).sum(1)
 
     return Objective(fn, [layer], f"channel[{layer}]" if kind == "mean" else f"channel_sq[{layer}]")

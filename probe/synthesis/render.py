@@ -78,9 +78,11 @@ class _RedirectedReLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        relu_grad = torch.where(x < 0, torch.zeros_like(g), g)
-        redirected = torch.where((x < 0) & (g > 0), torch.zeros_like(g), g)  # g > 0: descent lowers x
-        alive = relu_grad.flatten(1).abs().sum(1) > 0
+        relu_grad = g * (x >= 0)
+        alive = relu_grad.flatten(1).ne(0).any(1)
+        if bool(alive.all()):  # the usual case: plain ReLU gradient
+            return relu_grad
+        redirected = g * ~((x < 0) & (g > 0))  # g > 0: a descent step would lower x further
         return torch.where(alive.view(-1, *[1] * (g.dim() - 1)), relu_grad, redirected)
 
 
@@ -169,7 +171,7 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
             bad = ~torch.isfinite(obj.detach()) & alive
             if bad.any():
                 i = int(bad.nonzero()[0])
-                msg = (f"synthesis: objective {objective.name} is {float(obj[i])} for {labels[i]} at step {step} "
+                msg = (f"synthesis: objective {objective.name} is {float(obj.detach()[i])} for {labels[i]} at step {step} "
                        f"(lower synthesis.lr, add regularisers, or set synthesis.on_nan=skip)")
                 if on_nan == "error":
                     raise NumericalError(msg)

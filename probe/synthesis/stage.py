@@ -89,7 +89,7 @@ def render_channels(ctx: Context, s: SynthesisConfig, layers: list[str], widths:
     """All chosen channels of every layer, ``s.batch_size`` images per optimisation batch."""
     model, channels = ctx.run.model, ctx.data.channels
     transforms = _transforms(s, size)
-    rows, images = [], []
+    rows, images, count = [], [], 0
     for layer in layers:
         chosen = select_indices("synthesis.channels", s.channels, widths[layer])
         log.info("synthesis: %s, %d channels, %d steps", layer, len(chosen), s.steps)
@@ -106,10 +106,11 @@ def render_channels(ctx: Context, s: SynthesisConfig, layers: list[str], widths:
                          labels=[f"layer {layer} channel {c}" for c in chunk])
             act = spatial_mean(res.acts[layer])
             for i, c in enumerate(chunk):
-                rows.append({"kind": "channel", "layer": layer, "channel": c, "image": len(images) + i,
+                rows.append({"kind": "channel", "layer": layer, "channel": c, "image": count + i,
                              "objective": float(res.objective[i]), "activation": float(act[i, c]),
                              "failed_step": int(res.failed_step[i])})
             images.append(res.pixels.numpy())
+            count += len(chunk)
     return rows, np.concatenate(images) if images else np.zeros((0, channels, size, size), np.float32)
 
 

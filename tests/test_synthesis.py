@@ -1,0 +1,487 @@
+"""probe.synthesis: objectives, parametrisations, transforms, the render loop, Deep Dream and the stage.
+
+Every check is against an independent computation (loops, numpy, closed forms) on tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from probe.errors import NumericalError
+from probe.synthesis import objectives as O
+from probe.synthesis.param import ImageParam, color_sqrt, fft_scale
+from probe.synthesis.render import _RedirectedReLUFn, forward_capture, render
+from probe.synthesis.transform import Jitter, Pad, RandomRotate, RandomScale, Transforms, affine
+
+torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------- objectives
+
+def test_channel_and_neuron_objectives_gather_one_unit_per_image():
+    h = torch.randn(5, 7, 4, 6)
+    units = [3, 0, 6, 3, 1]
+    acts = {"l": h}
+    x = torch.rand(5, 1, 8, 8)
+    mean = [h[i, c].mean().item() for i, c in enumerate(units)]
+    sq = [(h[i, c] ** 2).sum().item() for i, c in enumerate(units)]
+    centre = [h[i, c, 2, 3].item() for i, c in enumerate(units)]
+    corner = [h[i, c, 1, 5].item() for i, c in enumerate(units)]
+    assert np.allclose(O.channel("l", units)(acts, x), mean, atol=1e-6)
+    assert np.allclose(O.channel("l", units, "squared_norm")(acts, x), sq, atol=1e-5)
+    assert np.allclose(O.neuron("l", units)(acts, x), centre)
+    assert np.allclose(O.neuron("l", units, y=1, x=5)(acts, x), corner)
+    assert np.allclose(O.channel("l", 2)(acts, x), h[:, 2].mean((1, 2)), atol=1e-6)  # one channel for all
+    lin = torch.randn(5, 7)  # a linear layer: the unit's value
+    assert np.allclose(O.channel("f", units)({"f": lin}, x), [lin[i, c].item() for i, c in enumerate(units)])
+
+
+def test_class_objectives_against_a_direct_softmax():
+    z = torch.randn(4, 10, dtype=torch.float64) * 3
+    classes = [9, 0, 4, 4]
+    zn = z.numpy()
+    logsumexp = np.log(np.exp(zn).sum(1))
+    acts = {O.LOGITS: z}
+    assert np.allclose(O.class_logit(classes)(acts, None), [zn[i, c] for i, c in enumerate(classes)])
+    assert np.allclose(O.class_log_prob(classes)(acts, None), [zn[i, c] - logsumexp[i] for i, c in enumerate(classes)])
+
+
+def test_deep_dream_is_the_l2_norm_of_the_layer():
+    h = torch.randn(3, 4, 5, 5)
+    expected = [math.sqrt(sum(v * v for v in h[i].flatten().tolist())) for i in range(3)]
+    assert np.allclose(O.deep_dream("l")({"l": h}, None), expected, atol=1e-5)
+
+
+def test_regularisers_against_numpy():
+    x = torch.rand(3, 2, 6, 5, dtype=torch.float64)
+    xn = x.numpy()
+    l1 = np.abs(xn - 0.5).reshape(3, -1).mean(1)
+    l2 = ((xn - 0.5) ** 2).reshape(3, -1).mean(1)
+    tv = np.abs(np.diff(xn, axis=2)).reshape(3, -1).mean(1) + np.abs(np.diff(xn, axis=3)).reshape(3, -1).mean(1)
+    k = np.outer([1, 2, 1], [1, 2, 1]) / 16
+    padded = np.pad(xn, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    blurred = np.zeros_like(xn)
+    for dy in range(3):
+        for dx in range(3):
+            blurred += k[dy, dx] * padded[:, :, dy:dy + 6, dx:dx + 5]
+    blur = ((xn - blurred) ** 2).reshape(3, -1).mean(1)
+    assert np.allclose(O.l1()({}, x), l1)
+    assert np.allclose(O.l2()({}, x), l2)
+    assert np.allclose(O.total_variation()({}, x), tv)
+    assert np.allclose(O.blur_penalty()({}, x), blur)
+    # the blur target is held constant: the gradient is (x - blur(x)) * 2 / size
+    xg = x.clone().requires_grad_(True)
+    O.blur_penalty()({}, xg).sum().backward()
+    assert np.allclose(xg.grad.numpy(), 2 * (xn - blurred) / (2 * 6 * 5))
+
+
+def test_objectives_compose():
+    h = torch.randn(4, 3, 5, 5)
+    x = torch.rand(4, 1, 5, 5)
+    acts = {"a": h, "b": h * 2}
+    a, b = O.channel("a", [0, 1, 2, 0]), O.neuron("b", 1)
+    va, vb = a(acts, x), b(acts, x)
+    assert torch.allclose((a + b)(acts, x), va + vb)
+    assert torch.allclose((2 * a)(acts, x), 2 * va)
+    assert torch.allclose((a * 2)(acts, x), 2 * va)
+    assert torch.allclose((-a)(acts, x), -va)
+    assert torch.allclose((a - 0.5 * b + 1)(acts, x), va - 0.5 * vb + 1)
+    assert torch.allclose((a / 4)(acts, x), va / 4)
+    assert (a - O.total_variation()).layers == ("a",)
+    assert (a + b + a).layers == ("a", "b")
+    with pytest.raises(TypeError):
+        a * b
+
+
+# ---------------------------------------------------------------- parametrisations
+
+@pytest.mark.parametrize("channels,h,w", [(1, 16, 16), (3, 15, 20), (3, 9, 7)])
+def test_fourier_parametrisation_round_trips(channels, h, w):
+    color = color_sqrt(torch.rand(20, channels, 6, 6) ** 2)
+    p = ImageParam(2, channels, (h, w), kind="fourier", color=color)
+    img = torch.rand(2, channels, h, w) * 0.9 + 0.05
+    lin = torch.randn(2, channels, h, w)
+    p.params.data.copy_(p.linear_to_params(lin))
+    assert torch.allclose(p.linear(), lin, atol=1e-5)  # spectrum -> image -> spectrum
+    p.set_pixels(img)
+    assert torch.allclose(p(), img, atol=1e-5)  # pixels -> parameters -> pixels, through colour and sigmoid
+    q = ImageParam(2, channels, (h, w), kind="pixel", color=color).set_pixels(img)
+    assert torch.allclose(q(), img, atol=1e-5)
+
+
+def test_fourier_scale_is_one_over_frequency():
+    s = fft_scale(8, 8)
+    assert s.shape == (8, 5)
+    assert s[0, 1] == pytest.approx(8.0)  # frequency 1/8
+    assert s[0, 0] == pytest.approx(8.0)  # DC clamped to 1/max(h, w)
+    assert s[4, 4] == pytest.approx(1 / math.sqrt(0.5 ** 2 + 0.5 ** 2))
+
+
+def test_color_decorrelation_is_a_square_root_of_the_colour_covariance():
+    mix = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.3, 0.0], [0.5, 0.2, 0.4]])
+    pixels = torch.einsum("dc,nchw->ndhw", mix, torch.rand(40, 3, 8, 8))
+    m = color_sqrt(pixels).double()
+    cov = torch.cov(pixels.transpose(0, 1).reshape(3, -1).double())
+    k = (m @ m.T)[0, 0] / cov[0, 0]
+    assert torch.allclose(m @ m.T, k * cov, atol=1e-6)
+    assert m.norm(dim=0).max() == pytest.approx(1.0)
+    assert torch.equal(color_sqrt(torch.rand(5, 1, 4, 4)), torch.ones(1, 1))
+
+
+def test_each_image_gets_its_own_seed():
+    a = ImageParam(3, 1, 8, seeds=[7, 8, 9])
+    b = ImageParam(1, 1, 8, seeds=[8])
+    assert torch.equal(a.params[1], b.params[0])
+    assert not torch.equal(a.params[0], a.params[1])
+
+
+# ---------------------------------------------------------------- transforms
+
+@pytest.mark.parametrize("t", [Pad(3), Pad(2, "constant"), Jitter(2), RandomScale(0.8, 1.2), RandomRotate(20),
+                               Transforms(pad=2, jitter=2, scale=(0.9, 1.1), rotate=10)],
+                         ids=["pad", "pad_const", "jitter", "scale", "rotate", "all"])
+def test_gradients_flow_through_every_transform(t):
+    x = torch.rand(4, 3, 12, 12, requires_grad=True)
+    y = t(x, torch.Generator().manual_seed(0))
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum(dim=(1, 2, 3)).min() > 0  # every image
+
+
+def test_random_parameters_are_per_image_and_seeded():
+    t = Transforms(pad=2, jitter=2, scale=(0.8, 1.2), rotate=20)
+    x = torch.rand(1, 1, 16, 16).expand(6, -1, -1, -1)
+    y1 = t(x, torch.Generator().manual_seed(3))
+    y2 = t(x, torch.Generator().manual_seed(3))
+    assert y1.shape == x.shape and torch.equal(y1, y2)
+    assert len({tuple(y1[i].flatten().tolist()) for i in range(6)}) == 6
+    assert torch.equal(Transforms.off()(x, torch.Generator()), x)
+
+
+def test_jitter_is_an_exact_integer_shift():
+    x = torch.rand(5, 1, 10, 10)
+    m = Jitter(2).matrix(5, 10, 10, torch.Generator().manual_seed(1))
+    d = torch.randint(-2, 3, (5, 2), generator=torch.Generator().manual_seed(1))
+    y = affine(x, m)
+    for i in range(5):
+        dx, dy = int(d[i, 0]), int(d[i, 1])
+        # output pixel (r, c) samples input (r + dy, c + dx); compare where that is inside the image
+        rows, cols = slice(max(0, -dy), 10 - max(0, dy)), slice(max(0, -dx), 10 - max(0, dx))
+        src = x[i, 0, max(0, dy):10 + min(0, dy), max(0, dx):10 + min(0, dx)]
+        assert torch.allclose(y[i, 0, rows, cols], src, atol=1e-5)
+
+
+def test_rotation_by_90_degrees_matches_rot90(monkeypatch):
+    import probe.synthesis.transform as T
+
+    monkeypatch.setattr(T, "_uniform", lambda n, low, high, gen: torch.full((n,), 90.0, dtype=torch.float64))
+    x = torch.rand(2, 1, 9, 9)
+    y = RandomRotate(90)(x, torch.Generator())
+    assert torch.allclose(y, torch.rot90(x, 1, (2, 3)), atol=1e-5) or torch.allclose(y, torch.rot90(x, -1, (2, 3)), atol=1e-5)
+
+
+# ---------------------------------------------------------------- render
+
+def template_model(template: torch.Tensor) -> nn.Module:
+    """One conv whose channel 0 is ``template`` (kernel as large as the image: one output position)."""
+    k = template.shape[-1]
+    conv = nn.Conv2d(1, 3, k)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(3, 1, k, k) * 0.1)
+        conv.weight[0, 0] = template
+        conv.bias.zero_()
+    return nn.Sequential(conv, nn.ReLU()).eval()
+
+
+SEVEN = torch.tensor([[1 if (r in (1, 2) and 1 <= c <= 9) or (r >= 2 and abs(c - (10 - 0.7 * r)) < 1.2) else -1
+                       for c in range(11)] for r in range(11)], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["pixel", "fourier"])
+@pytest.mark.parametrize("template", ["binary", "smooth"])
+def test_channel_image_of_a_template_filter_correlates_with_the_template(kind, template):
+    if template == "binary":  # a +-1 "7": the unregularised optimum (pixels pushed to 0 or 1) is the template itself
+        t, objective = SEVEN, O.channel("0", [0])
+    else:  # a smooth template: an L2 penalty keeps the optimum inside (0, 1), linear in the template
+        yy, xx = torch.meshgrid(torch.arange(11.0), torch.arange(11.0), indexing="ij")
+        t = torch.exp(-((yy - 5) ** 2 + (xx - 3) ** 2) / 8) - torch.exp(-((yy - 4) ** 2 + (xx - 8) ** 2) / 6)
+        objective = O.channel("0", [0]) - 2000 * O.l2()
+    model = template_model(t)
+    res = render(model, objective, ImageParam(1, 1, 11, kind=kind, seeds=[0]), steps=64, lr=0.1,
+                 transforms=Transforms(jitter=1), mean=[0.5], std=[0.25])
+    r = np.corrcoef(res.pixels[0, 0].flatten().numpy(), t.flatten().numpy())[0, 1]
+    assert r > 0.8, r
+
+
+def test_batched_rendering_equals_one_at_a_time_without_transforms():
+    from probe.models import build
+
+    torch.manual_seed(1)
+    model = build("tiny_cnn")
+    seeds = [11, 12, 13, 14, 15, 16, 17, 18]
+    kw = dict(steps=12, lr=0.05, mean=[0.3], std=[0.3], redirect_relu_steps=4)
+    batched = render(model, O.channel("conv2", list(range(8))), ImageParam(8, 1, 16, seeds=seeds), **kw)
+    for c in range(8):
+        alone = render(model, O.channel("conv2", [c]), ImageParam(1, 1, 16, seeds=[seeds[c]]), **kw)
+        assert torch.allclose(batched.pixels[c], alone.pixels[0], atol=1e-4)
+        assert batched.objective[c] == pytest.approx(float(alone.objective[0]), rel=1e-4, abs=1e-5)
+
+
+def test_render_raises_the_objective_and_reports_it_without_transforms():
+    from probe.models import build
+
+    torch.manual_seed(2)
+    model = build("tiny_cnn")
+    p = ImageParam(4, 1, 16, seeds=range(4))
+    with torch.no_grad():
+        before = forward_capture(model, (p() - 0.3) / 0.3, ["conv1"])["conv1"][torch.arange(4), [0, 1, 2, 3]].mean((1, 2))
+    res = render(model, O.channel("conv1", [0, 1, 2, 3]), p, steps=20, mean=[0.3], std=[0.3],
+                 transforms=Transforms(pad=2, jitter=2, scale=(0.9, 1.1), rotate=5))
+    with torch.no_grad():
+        after = model.conv1((res.pixels - 0.3) / 0.3)[torch.arange(4), [0, 1, 2, 3]].mean((1, 2))
+    assert torch.allclose(res.objective, after, atol=1e-5)
+    assert (after > before).all()
+    assert res.pixels.min() >= 0 and res.pixels.max() <= 1
+
+
+class NaNChannel(nn.Module):
+    """Identity, except channel ``c`` becomes NaN once its mean exceeds ``above``."""
+
+    def __init__(self, c: int, above: float):
+        super().__init__()
+        self.c, self.above = c, above
+
+    def forward(self, x):
+        bad = x[:, self.c].mean((1, 2)) > self.above
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[:, self.c] = bad.view(-1, 1, 1)
+        return torch.where(mask, torch.full_like(x, float("nan")), x)
+
+
+def nan_model(above: float) -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), NaNChannel(1, above), nn.ReLU()).eval()
+
+
+def test_nan_stops_with_a_message_naming_layer_channel_and_step():
+    model = nan_model(above=-1e9)  # NaN from the start
+    labels = [f"layer 1 channel {c}" for c in range(3)]
+    with pytest.raises(NumericalError, match=r"layer 1 channel 1 at step 0"):
+        render(model, O.channel("1", [0, 1, 2]), ImageParam(3, 1, 8, seeds=[0, 1, 2]), steps=5, labels=labels)
+    # NaN that appears later, once the optimised channel has risen a little: the step is named
+    with torch.no_grad():
+        start = float(model[0](ImageParam(1, 1, 8, seeds=[1])())[0, 1].mean())
+    model = nan_model(above=start + 0.01)
+    with pytest.raises(NumericalError, match=r"layer 1 channel 1 at step [1-9]"):
+        render(model, O.channel("1", [0, 1, 2]), ImageParam(3, 1, 8, seeds=[0, 1, 2]), steps=200, labels=labels)
+
+
+def test_nan_skip_freezes_that_image_and_leaves_the_others_untouched():
+    model = nan_model(above=-1e9)
+    res = render(model, O.channel("1", [0, 1, 2]), ImageParam(3, 1, 8, seeds=[0, 1, 2]), steps=6, on_nan="skip")
+    assert res.failed_step.tolist() == [-1, 0, -1]
+    assert torch.isfinite(res.pixels).all()
+    assert torch.allclose(res.pixels[1], ImageParam(1, 1, 8, seeds=[1])().detach(), atol=1e-6)  # never moved
+    others = render(model, O.channel("1", [0, 2]), ImageParam(2, 1, 8, seeds=[0, 2]), steps=6)
+    assert torch.allclose(res.pixels[[0, 2]], others.pixels, atol=1e-5)
+
+
+def test_redirected_relu_gradient():
+    x = torch.tensor([[-1.0, -2.0, -0.5], [1.0, -1.0, 2.0]], requires_grad=True)
+    g = torch.tensor([[-1.0, 2.0, -3.0], [5.0, 6.0, 7.0]])
+    y = _RedirectedReLUFn.apply(x)
+    assert torch.equal(y, x.clamp_min(0))
+    y.backward(g)
+    # image 0: ReLU gradient is zero everywhere -> let through what would raise x (g < 0 under descent)
+    # image 1: ordinary ReLU gradient
+    assert torch.equal(x.grad, torch.tensor([[-1.0, 0.0, -3.0], [5.0, 0.0, 7.0]]))
+    x.grad = None
+    _RedirectedReLUFn.apply(x[1:]).backward(g[1:])  # every image alive: the ordinary ReLU gradient
+    assert torch.equal(x.grad[1], torch.tensor([5.0, 0.0, 7.0]))
+
+
+def test_forward_capture_stops_early_and_sees_pre_inplace_relu_values():
+    calls = []
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(inplace=True), nn.Conv2d(2, 2, 3))
+    model[2].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 1, 8, 8)
+    acts = forward_capture(model, x, ["0"])
+    assert not calls  # the second conv never ran
+    assert torch.allclose(acts["0"], model[0](x)) and (acts["0"] < 0).any()
+
+
+# ---------------------------------------------------------------- Deep Dream
+
+def test_roll_per_image_matches_torch_roll():
+    from probe.synthesis.dream import roll_per_image
+
+    x = torch.rand(3, 2, 5, 6)
+    dy, dx = torch.tensor([1, -2, 0]), torch.tensor([0, 3, -1])
+    y = roll_per_image(x, dy, dx)
+    for i in range(3):
+        assert torch.equal(y[i], torch.roll(x[i], (int(dy[i]), int(dx[i])), (1, 2)))
+
+
+def test_deep_dream_raises_the_layer_norm_on_a_fixed_size_model():
+    from probe.models import build
+    from probe.synthesis.dream import deep_dream_octaves, zoom_frames
+
+    torch.manual_seed(4)
+    model = build("lenet5")  # fixed 32x32, yet the smaller octaves run: only conv1..conv2 are needed
+    x = torch.rand(2, 1, 32, 32) * 0.5
+    out = deep_dream_octaves(model, x, "conv2", mean=[0.3], std=[0.3], octaves=3, steps=5, lr=0.01)
+    frames = zoom_frames(model, out[:1], "conv2", mean=[0.3], std=[0.3], frames=2, steps=3)
+    norm = lambda z: model.conv2(model.pool1(model.relu1(model.conv1((z - 0.3) / 0.3)))).flatten(1).norm(dim=1)  # noqa
+    with torch.no_grad():
+        assert (norm(out) > norm(x)).all()
+    assert out.shape == x.shape and frames.shape == (2, 1, 1, 32, 32)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+# ---------------------------------------------------------------- the stage
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from probe.cli import main
+
+    d = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={d}",
+                 "progress=false", f"hydra.run.dir={d}/logs"]) == 0
+    return d
+
+
+CHEAP = ["synthesis.steps=6", "synthesis.class_images.steps=6", "synthesis.dream.steps=2", "synthesis.dream.zoom_frames=2",
+         "synthesis.dream.zoom_steps=2", "synthesis.batch_size=5", "data.limit=60", "device=cpu"]
+
+
+def brute_force_top1(run_dir, layers, limit):
+    """The largest channel spatial mean over the first ``limit`` test images, one image at a time."""
+    from probe.analysis import data_config
+    from probe.data import load_data
+    from probe.rundir import load_run
+
+    run = load_run(run_dir)
+    data = load_data(data_config(run.card), run.card["model"]["in_channels"])
+    mods = dict(run.model.named_modules())
+    best = {}
+    for i in range(limit):
+        x = data.test[i][0][None]
+        outs = {}
+        hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o.detach().clone())) for n in layers]
+        with torch.no_grad():
+            run.model(x)
+        for h in hooks:
+            h.remove()
+        for n in layers:
+            v = outs[n][0].flatten(1).mean(1)
+            best[n] = v if n not in best else torch.maximum(best[n], v)
+    return run, data, best
+
+
+def test_cli_end_to_end(tiny_run, tmp_path):
+    from probe.cli import main
+
+    assert main(["synthesize", f"run={tiny_run}", f"hydra.run.dir={tmp_path}/logs"] + CHEAP) == 0
+    out = tiny_run / "synthesis"
+    for f in ["images.npz", "metrics.parquet", "metrics.json", "channels_conv1.png", "channels_conv2.png",
+              "class.png", "dream.png", "zoom.png"]:
+        assert (out / f).is_file(), f
+    imgs = np.load(out / "images.npz")
+    df = pd.read_parquet(out / "metrics.parquet")
+    ch = df[df.kind == "channel"]
+    assert list(ch.groupby("layer", sort=False).size().items()) == [("conv1", 4), ("conv2", 8)]  # every channel
+    assert imgs["channel"].shape == (12, 1, 16, 16) and imgs["class"].shape == (10, 1, 16, 16)
+    assert imgs["dream"].shape == (3, 1, 16, 16) and imgs["zoom"].shape == (2, 1, 16, 16)
+    for k in ("channel", "class", "dream", "zoom"):
+        assert imgs[k].min() >= 0 and imgs[k].max() <= 1
+
+    # activation reached, recomputed from the saved images; dataset top-1 by brute force
+    run, data, best = brute_force_top1(tiny_run, ["conv1", "conv2"], 60)
+    m, s = data.mean[0], data.std[0]
+    x = torch.from_numpy(imgs["channel"][ch.image.to_numpy()])
+    with torch.no_grad():
+        a1 = run.model.conv1((x - m) / s)
+        a2 = run.model.conv2(run.model.pool(run.model.relu1(a1)))
+    for r, (_, row) in enumerate(ch.iterrows()):
+        a = (a1 if row.layer == "conv1" else a2)[r, row.channel].mean()
+        assert row.activation == pytest.approx(float(a), abs=1e-4)
+        assert row.dataset_activation == pytest.approx(float(best[row.layer][row.channel]), abs=1e-4)
+        assert row.out_activates == (row.activation > row.dataset_activation)
+    assert (ch.dataset_source == "computed:test").all()
+
+    # class probabilities, recomputed
+    cl = df[df.kind == "class"]
+    with torch.no_grad():
+        p = torch.softmax(run.model((torch.from_numpy(imgs["class"]) - m) / s), 1)
+    assert np.allclose(cl.probability, p[torch.arange(10), cl["class"].to_numpy()], atol=1e-5)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for layer, g in ch.groupby("layer"):
+        assert metrics["channel_out_activates"][layer] == pytest.approx(g.out_activates.mean())
+    assert metrics["class_probability"]["min"] == pytest.approx(cl.probability.min())
+
+
+def test_stage_uses_exemplars_when_present_and_is_deterministic(tiny_run, tmp_path):
+    from probe.cli import main
+
+    ex = pd.DataFrame({"layer": ["conv1"] * 8, "channel": [0, 1, 2, 3] * 2, "rank": [0] * 4 + [1] * 4,
+                       "index": range(8), "value": [100.0, -100.0, 0.5, 0.25, 1, 1, 1, 1], "max_value": 0.0,
+                       "y": 0, "x": 0, "label": 0})
+    (tiny_run / "activations").mkdir(exist_ok=True)
+    ex.to_parquet(tiny_run / "activations" / "exemplars.parquet", index=False)
+    try:
+        args = ["synthesize", f"run={tiny_run}", f"hydra.run.dir={tmp_path}/logs", "synthesis.class_images.enabled=false",
+                "synthesis.dream.enabled=false", "synthesis.channels=[1,3]"] + CHEAP
+        assert main(args) == 0
+        first = {f: (tiny_run / "synthesis" / f).read_bytes() for f in ("images.npz", "metrics.parquet", "metrics.json")}
+        df = pd.read_parquet(tiny_run / "synthesis" / "metrics.parquet")
+        assert main(args) == 0
+        second = {f: (tiny_run / "synthesis" / f).read_bytes() for f in first}
+    finally:
+        (tiny_run / "activations" / "exemplars.parquet").unlink()
+    assert first == second  # same seed, same bytes
+    assert list(df.kind.unique()) == ["channel"] and df.channel.tolist() == [1, 3, 1, 3]
+    c1 = df[df.layer == "conv1"]
+    assert c1.dataset_activation.tolist() == [-100.0, 0.25]
+    assert (c1.dataset_source == "activations/exemplars.parquet").all()
+    assert bool(c1.out_activates.iloc[0]) and c1.ratio.iloc[1] == pytest.approx(c1.activation.iloc[1] / 0.25)
+    assert (df[df.layer == "conv2"].dataset_source == "computed:test").all()  # not in the exemplars: computed
+
+
+@pytest.mark.parametrize("override", ["synthesis.channels=-1", "synthesis.layers=[conv9]", "synthesis.param.kind=wavelet",
+                                      "synthesis.channels=[0,99]", "synthesis.transforms.scale=[1.2,0.8]"])
+def test_bad_config_exits_2(tiny_run, tmp_path, override):
+    from probe.cli import main
+
+    assert main(["synthesize", f"run={tiny_run}", f"hydra.run.dir={tmp_path}/logs", override] + CHEAP) == 2
+
+
+def test_default_layers_are_every_conv_or_a_few_for_big_models():
+    from probe.models import build
+    from probe.synthesis.stage import default_layers
+
+    assert default_layers(build("lenet5")) == ["conv1", "conv2", "conv3"]
+    big = default_layers(build("resnet50"))
+    convs = [n for n, m in build("resnet50").named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(big) == 3 and all(b in convs for b in big) and convs.index(big[0]) < convs.index(big[1]) < convs.index(big[2])
+
+
+@pytest.mark.slow
+def test_trained_lenet5_reaches_the_targets(tmp_path):
+    """The done-means figures on the real model: >= 90% of conv channels beat the best digit, classes >= 0.99."""
+    from probe.cli import main
+
+    run = tmp_path / "lenet5"
+    assert main(["train", "model=lenet5", f"run_dir={run}", "progress=false", f"hydra.run.dir={run}/logs"]) == 0
+    assert main(["synthesize", f"run={run}", "synthesis.dream.enabled=false", f"hydra.run.dir={run}/logs"]) == 0
+    metrics = json.loads((run / "synthesis" / "metrics.json").read_text())
+    for layer in ("conv1", "conv2", "conv3"):
+        assert metrics["channel_out_activates"][layer] >= 0.9, metrics
+    assert metrics["class_probability"]["min"] >= 0.99, metrics
