@@ -133,7 +133,7 @@ class LayerStats:
             self.active += (xf > 0).sum((0, 2))
             xf = xf[:, :, :: self.hist_stride]
         keys = g.keys(xf)  # (N, C, P') int32
-        if keys.shape[0] * keys.shape[2] * 8 >= g.raw_bins:
+        if keys.shape[0] * keys.shape[2] >= g.raw_bins:
             # many values per channel: count (raw key, channel) pairs, laid out (raw key, C) so that
             # folding raw keys into bins is a row-wise index_add_
             keys *= C
