@@ -37,6 +37,7 @@ STAGES = {
     "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
     "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),
     "saliency": ("probe.saliency.stage:run", "probe.saliency.config:SaliencyStage"),
+    "report": ("probe.report.stage:run", "probe.report.config:ReportStage"),
 }
 
 

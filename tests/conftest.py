@@ -14,3 +14,30 @@ def hub_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     return tmp_path / "torch_home" / "hub" / "checkpoints"
+
+
+TINY_TRAIN = ["model=tiny_cnn", "data.image_size=16", "train.epochs=1", "progress=false"]
+CHEAP = {
+    "activations": ["data.limit=120"],
+    "saliency": ["saliency.ig_steps=4", "saliency.smoothgrad_samples=2", "saliency.auc_steps=4"],
+    "synthesize": ["synthesis.steps=4", "synthesis.class_images.steps=4", "synthesis.dream.steps=2",
+                   "synthesis.dream.zoom_frames=2", "synthesis.dream.zoom_steps=2"],
+    "geometry": ["data.probe_per_class=1", "erf.noise_images=2"],
+}
+
+
+def make_run(run_dir, *train_overrides, stages=tuple(CHEAP)):
+    """Train a tiny model into ``run_dir`` and run the given analysis stages on it, cheaply."""
+    from probe.cli import main
+
+    assert main(["train", *TINY_TRAIN, *train_overrides, f"run_dir={run_dir}"]) == 0
+    for stage in stages:
+        assert main([stage, f"run={run_dir}", *CHEAP[stage]]) == 0, stage
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def complete_runs(tmp_path_factory):
+    """Two tiny runs (different seeds) with every stage's artefacts."""
+    root = tmp_path_factory.mktemp("complete")
+    return [make_run(root / "tiny_a", "seed=0"), make_run(root / "tiny_b", "seed=1")]

@@ -1,0 +1,105 @@
+"""Find run dirs and read what each stage left in them, tolerating what is missing."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+
+from probe.errors import RunDirError
+from probe.rundir import read_card
+
+# stage folder -> the command that writes it
+STAGE_COMMANDS = {
+    "activations": "probe activations run={run}",
+    "saliency": "probe saliency run={run}",
+    "synthesis": "probe synthesize run={run}",
+    "geometry": "probe geometry run={run}",
+}
+
+
+@dataclass
+class RunData:
+    label: str  # unique name shown in the report
+    path: Path
+    card: dict
+    config: dict  # the flattened resolved config
+    metrics: dict = field(default_factory=dict)  # stage folder ("train", "activations", ...) -> metrics.json
+
+    def has(self, stage: str) -> bool:
+        return (self.path / stage / "metrics.json").is_file()
+
+    def table(self, stage: str, name: str) -> pd.DataFrame | None:
+        path = self.path / stage / f"{name}.parquet"
+        return pd.read_parquet(path) if path.is_file() else None
+
+    def arrays(self, stage: str, name: str):
+        path = self.path / stage / f"{name}.npz"
+        return np.load(path) if path.is_file() else None
+
+    def file(self, stage: str, name: str) -> Path | None:
+        path = self.path / stage / name
+        return path if path.is_file() else None
+
+    @property
+    def model(self) -> str:
+        return self.card["model"]["name"]
+
+    def layer_order(self) -> dict[str, int]:
+        """Layer name -> depth (call order in the card's layer table)."""
+        return {row["name"]: i for i, row in enumerate(self.card["layers"])}
+
+
+def find_run_dirs(runs: list[str], sweep: str | None) -> list[Path]:
+    paths = [Path(r) for r in runs]
+    if sweep:
+        root = Path(sweep)
+        if not root.is_dir():
+            raise RunDirError(f"sweep: {root} does not exist")
+        found = sorted(p.parent for p in root.rglob("card.json") if not any(part.startswith(".") for part in p.parts))
+        if not found:
+            raise RunDirError(f"sweep: no run dirs (folders with card.json) under {root}")
+        paths += found
+    return paths
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def load_runs(paths: list[Path]) -> list[RunData]:
+    runs = []
+    for p in paths:
+        card = read_card(p)  # raises RunDirError naming the folder
+        cfg = p / "config.yaml"
+        config = flatten(OmegaConf.to_container(OmegaConf.load(cfg))) if cfg.is_file() else {}
+        config.pop("run_dir", None)
+        metrics = {"train": card["metrics"]}
+        for stage in STAGE_COMMANDS:
+            m = p / stage / "metrics.json"
+            if m.is_file():
+                metrics[stage] = json.loads(m.read_text())
+        runs.append(RunData(card["run_name"], p, card, config, metrics))
+    # labels must be unique: qualify repeated names with their parent folder
+    names = [r.label for r in runs]
+    for r in runs:
+        if names.count(r.label) > 1:
+            r.label = f"{r.path.parent.name}/{r.path.name}"
+    return runs
+
+
+def differing_keys(runs: list[RunData]) -> list[str]:
+    """Config keys whose values are not the same in every run."""
+    keys = sorted(set().union(*(r.config for r in runs)))
+    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs}) > 1]

@@ -1,0 +1,57 @@
+"""``probe report``: any set of run dirs or a Hydra sweep -> reports/<name>/index.html + report.json."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from probe.report import sections
+from probe.report.collect import differing_keys, find_run_dirs, load_runs
+from probe.report.config import ReportStage
+from probe.report.figures import palette
+from probe.rundir import staged_dir, write_bytes, write_json
+
+log = logging.getLogger(__name__)
+
+
+def render(cfg: ReportStage) -> tuple[str, dict]:
+    """The page and its numbers for the runs ``cfg`` names."""
+    runs = load_runs(find_run_dirs(cfg.runs, cfg.sweep))
+    colours = palette([r.label for r in runs])
+    parts = [
+        sections.overview(runs),
+        sections.architecture(runs),
+        sections.filters(runs),
+        sections.feature_maps(runs, cfg.images),
+        sections.distributions(runs, colours, cfg.units),
+        sections.saliency(runs, colours, cfg.images),
+        sections.synthesis(runs),
+        sections.geometry(runs, colours),
+        sections.sweeps(runs, colours),
+    ]
+    parts = [p for p in parts if p is not None]
+    env = Environment(loader=PackageLoader("probe.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
+                      trim_blocks=True, lstrip_blocks=True)
+    html = env.get_template("report.html.j2").render(name=cfg.name, runs=[r.label for r in runs], sections=parts)
+    numbers = {
+        "name": cfg.name,
+        "runs": [{"label": r.label, "path": str(r.path), "model": r.model, "seed": r.card["seed"],
+                  "params_total": r.card["params_total"], "metrics": r.metrics} for r in runs],
+        "differing_keys": differing_keys(runs),
+        "missing": {p["id"]: p["missing"] for p in parts if p["missing"]},
+        "tables": {p["id"]: [{"caption": b["caption"], "columns": b["columns"], "rows": b["rows"]}
+                             for b in p["blocks"] if b["kind"] == "table"] for p in parts},
+    }
+    return html, numbers
+
+
+def run(cfg: ReportStage) -> Path:
+    html, numbers = render(cfg)
+    final = Path(cfg.out_dir) / cfg.name
+    with staged_dir(final) as tmp:
+        write_bytes(tmp / "index.html", html.encode())
+        write_json(tmp / "report.json", numbers)
+    log.info("report: %s", final / "index.html")
+    return final / "index.html"
