@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pandas as pd
@@ -74,6 +75,15 @@ def randomise_bn(model, seed=0):
             m.weight.data.copy_(torch.randn(m.num_features, generator=g))
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.5)
     return model.eval()
+
+
+def vgg11_features(classes):
+    """torchvision's VGG-11 features (in-place ReLU after every conv) under a small head: cheap to build."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(features=make_layers(cfgs["A"]), pool=nn.AdaptiveAvgPool2d(1),
+                                     flat=nn.Flatten(), fc=nn.Linear(512, classes))).eval()
 
 
 def target_grad(model, x, target):
@@ -173,11 +183,8 @@ def hand_gradcam(model, layer, x, t):
 def test_grad_cam_matches_hand_computation(name):
     if name == "tiny_cnn":
         model, layer, x = tiny_cnn(), "conv2", torch.randn(3, 1, 16, 16)
-    else:  # torchvision VGG: ReLUs in place right after the conv that Grad-CAM reads
-        import torchvision
-
-        torch.manual_seed(0)
-        model, layer, x = torchvision.models.vgg11(num_classes=5).eval(), "features.15", torch.randn(2, 3, 64, 64)
+    else:  # torchvision VGG: features.18 is the last conv, an in-place ReLU follows it
+        model, layer, x = vgg11_features(5), "features.18", torch.randn(5, 3, 64, 64)
     t = torch.arange(len(x)) % 5
     got = run_method("grad_cam", model, x, t, gradcam_layer=layer)
     want = hand_gradcam(model, layer, x, t)
@@ -255,8 +262,8 @@ def test_guided_backprop_matches_custom_autograd_reference(name):
         model, x = randomise_bn(TinyRes()), torch.randn(3, 2, 8, 8)
     elif name == "resnet18":  # reuses self.relu in every BasicBlock, in place
         model, x = randomise_bn(torchvision.models.resnet18(num_classes=4)), torch.randn(2, 3, 32, 32)
-    else:
-        model, x = torchvision.models.vgg11(num_classes=4).eval(), torch.randn(2, 3, 32, 32)
+    else:  # VGG's features (in-place ReLUs) with a small head, to keep the test cheap
+        model, x = vgg11_features(4), torch.randn(2, 3, 32, 32)
     t = torch.tensor([0, 3, 1][: len(x)])
     want = reference_guided_backprop(model, x, t)
     got = run_method("guided_backprop", model, x, t)
@@ -486,7 +493,7 @@ def test_cli_end_to_end_writes_every_file(tiny_run):
     assert main(["saliency", f"run={tiny_run}", "device=cpu"] + CHEAP[:-1]) == 0
     out = tiny_run / "saliency"
     for f in ["maps.npz", "metrics.parquet", "randomisation.parquet", "metrics.json"] + \
-             [f"overlay_{m}.png" for m in METHODS]:
+             [f"overlays/{m}.png" for m in METHODS]:
         assert (out / f).is_file(), f
     maps = np.load(out / "maps.npz")
     n = len(maps["targets"])
@@ -499,7 +506,7 @@ def test_cli_end_to_end_writes_every_file(tiny_run):
     wrong = maps["labels"][:10] != maps["predictions"][:10]
     assert (kinds == "predicted").sum() == wrong.sum()
     df = pd.read_parquet(out / "metrics.parquet")
-    assert len(df) == n * len(METHODS) and set(df.substrate) == {"blur"}
+    assert len(df) == n * len(METHODS) and set(df.substrate) == {"zeros"}
     assert df[["deletion_auc", "insertion_auc", "deletion_auc_random"]].apply(lambda c: c.between(0, 1).all()).all()
     r = pd.read_parquet(out / "randomisation.parquet")
     assert set(r.method) == {"saliency", "integrated_gradients", "grad_cam", "guided_backprop"}

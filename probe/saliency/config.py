@@ -19,7 +19,9 @@ class SaliencyConfig:
     batch_size: int = 64  # images per attribution call (halved and retried on CUDA out-of-memory)
     ig_steps: int = 32
     ig_baseline: str = "zeros"
-    ig_internal_batch_size: int = 512  # expanded (image x step) rows per forward pass
+    # expanded (image x step) rows per forward pass; on a CPU, passes of the batch's size ran faster per row
+    # than passes of 512 (benchmarks/bench_saliency.py); on a GPU raise it
+    ig_internal_batch_size: int = 64
     smoothgrad_samples: int = 16
     smoothgrad_noise: float = 0.15  # noise stdev as a fraction of the input range (max - min)
     smoothgrad_batch_size: int = 16  # noisy copies per forward pass (Captum's nt_samples_batch_size)
@@ -28,7 +30,9 @@ class SaliencyConfig:
     occlusion_stride: float = 0.0625  # stride as a fraction of the image side
     occlusion_baseline: str = "zeros"
     auc_steps: int = 16  # deletion / insertion curve points (plus the start)
-    substrate: str = "blur"  # what deleted pixels become and what insertion starts from
+    # what deleted pixels become and what insertion starts from. zeros (black) as in RISE's deletion game;
+    # on digits a blurred digit stays recognisable, so blur barely separates any order from chance
+    substrate: str = "zeros"
     blur_sigma: float = 0.1  # gaussian blur sigma (substrate and baselines) as a fraction of the image side
     eval_batch_size: int = 512  # perturbed images per forward pass in deletion / insertion
     randomisation: bool = True

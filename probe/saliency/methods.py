@@ -35,7 +35,7 @@ class MethodSettings:
     """Method parameters in absolute units (pixels, normalised-input stdevs), resolved by the stage."""
 
     ig_steps: int = 32
-    ig_internal_batch_size: int = 512
+    ig_internal_batch_size: int = 64
     ig_baseline: Optional[Reference] = None  # None: zeros in normalised space
     smoothgrad_samples: int = 16
     smoothgrad_stdev: float = 0.15  # absolute, in normalised input units
@@ -44,7 +44,7 @@ class MethodSettings:
     occlusion_window: int = 4  # pixels
     occlusion_stride: int = 2  # pixels
     occlusion_baseline: Optional[Reference] = None
-    occlusion_batch_size: int = 512  # occluded images per forward pass
+    occlusion_batch_size: int = 64  # occluded images per forward pass
     seed: int = 0
 
 

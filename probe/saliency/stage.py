@@ -7,7 +7,7 @@ Writes ``<run>/saliency/``:
   :mod:`probe.saliency.methods`), ``images`` (M, C, H, W) pixels in [0, 1], ``targets``, ``target_kind``
   (``true`` / ``predicted``), ``image`` (index among the probe images), ``labels``, ``predictions``.
   M is the number of probe images plus one more row per misclassified image (its predicted class).
-- ``overlay_<method>.png``: every map over its image.
+- ``overlays/<method>.png``: every map over its image (one grid per method).
 - ``metrics.parquet``: per method and map row: deletion / insertion AUC for the method's pixel order
   and for a seeded random order (same images, same substrate), and the substrate.
 - ``randomisation.parquet``: cascading parameter randomisation, per method, map row and layer step:
@@ -213,8 +213,9 @@ def run(cfg: SaliencyStage) -> Path:
         if sc.overlays:
             titles = [f"#{int(i)} y={int(lab)} t={int(t)}{'*' if k == 'predicted' else ''}"
                       for i, lab, t, k in zip(items.image, items.label, items.target.cpu(), items.kind)]
+            (tmp / "overlays").mkdir()
             for m, v in maps.items():
-                overlay_grid(tmp / f"overlay_{m}.png", images, v.numpy(), titles, REDUCTION[m] == "signed", m)
+                overlay_grid(tmp / "overlays" / f"{m}.png", images, v.numpy(), titles, REDUCTION[m] == "signed", m)
     out = Path(cfg.run) / "saliency"
     log.info("saliency: wrote %s", out)
     return out
