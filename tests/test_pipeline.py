@@ -1,0 +1,66 @@
+"""The real DVC pipeline, end to end, in a temporary copy of the repository with a tiny params.yaml."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _sh(cmd: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git repository holding the tracked files of this one, with two tiny runs in params.yaml."""
+    dst = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["runs"] = {"tiny": {"model": "tiny_cnn", "epochs": 1}, "tiny_random": {"model": "tiny_cnn", "epochs": 0}}
+    (dst / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        _sh(cmd, dst)
+    return dst
+
+
+def test_dvc_repro_runs_every_stage_then_nothing(repo):
+    out = _sh(["dvc", "repro"], repo)
+    assert "Running stage 'train@tiny'" in out and "Running stage 'report'" in out
+    for run in ("tiny", "tiny_random"):
+        d = repo / "artifacts" / run
+        assert json.loads((d / "card.json").read_text())["run_name"] == run
+        for stage in ("activations", "saliency", "synthesis", "geometry"):
+            assert (d / stage / "metrics.json").is_file(), (run, stage)
+    assert "tiny_random" in (repo / "reports" / "default" / "index.html").read_text()
+    again = _sh(["dvc", "repro"], repo)
+    assert "Running stage" not in again
+    assert "up to date" in again.lower()
+
+
+def test_dvc_experiment_changes_a_param_and_shows_metrics(repo):
+    _sh(["git", "add", "-A"], repo)
+    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
+    _sh(["dvc", "exp", "run", "-S", "runs.tiny.epochs=2"], repo)
+    shown = json.loads(_sh(["dvc", "exp", "show", "--json"], repo))
+    exps = [e for commit in shown for e in (commit.get("experiments") or [])]
+    revs = [r["data"] for e in exps for r in e["revs"]]
+    changed = [d for d in revs if d["params"]["params.yaml"]["data"]["runs"]["tiny"]["epochs"] == 2]
+    assert len(changed) == 1
+    metrics = changed[0]["metrics"]["artifacts/tiny/metrics.json"]["data"]
+    assert metrics["epochs"] == 2 and 0 <= metrics["test_acc"] <= 1
