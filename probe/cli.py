@@ -34,6 +34,7 @@ STAGES = {
     "train": ("probe.train:train", "probe.config:TrainStage"),
     "summary": ("probe.cli:summary", "probe.config:SummaryStage"),
     "activations": ("probe.activations.stage:run", "probe.activations.config:ActivationsStage"),
+    "activations_merge": ("probe.activations.stage:merge", "probe.activations.config:ActivationsMergeStage"),
     "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
     "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),
     "saliency": ("probe.saliency.stage:run", "probe.saliency.config:SaliencyStage"),

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
 from probe.config import AnalysisStage, check_range
+from probe.errors import ConfigError
+
+SHARD_FORM = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(value: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    m = SHARD_FORM.match(str(value))
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"shard: '{value}' is not allowed; expected the form i/n with 0 <= i < n (e.g. shard=0/4)")
+    return int(m.group(1)), int(m.group(2))
 
 
 @dataclass
@@ -21,6 +35,9 @@ class ActivationsStage(AnalysisStage):
     crop_size: int = 32  # crops larger than this (receptive field in pixels) are resized down to it
     images: bool = True  # PNG grids beside the arrays
     save_state: bool = False  # also write state.npz (the mergeable accumulators, for sharded runs)
+    # "i/n": statistics of shard i of n only (contiguous index ranges), written as mergeable state to
+    # <run>/activations_shards/<i>-of-<n>/; `probe activations_merge run=<run> shards=<n>` writes activations/
+    shard: Optional[str] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -30,3 +47,17 @@ class ActivationsStage(AnalysisStage):
         check_range("hist_stride", self.hist_stride, 1)
         check_range("crop_channels", self.crop_channels, 1)
         check_range("crop_size", self.crop_size, 4)
+        parse_shard(self.shard)
+
+
+@dataclass
+class ActivationsMergeStage(ActivationsStage):
+    """``probe activations_merge run=<run> shards=<n>``: the shards' states -> the single-pass ``activations/``."""
+
+    shards: int = 0  # how many shards `probe activations shard=i/<shards>` wrote
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shard is not None:
+            raise ConfigError("shard: not used by activations_merge; give shards=<n> (the n of the shard=i/n runs)")
+        check_range("shards", self.shards, 1)

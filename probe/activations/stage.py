@@ -2,44 +2,72 @@
 
 Files: stats.parquet, class_means.parquet, hist.parquet, exemplars.parquet, exemplar_crops.npz,
 filters.npz, feature_maps.npz, metrics.json, PNG grids (``images=true``) and, with
-``save_state=true``, state.npz (the mergeable accumulators). See stats.py for the definitions.
+``save_state=true``, state.npz (the mergeable accumulators).
+
+Sharded: ``probe activations run=<run> shard=i/n`` streams only images ``[i N // n, (i + 1) N // n)``
+of the split (contiguous ranges, exemplar indices stay global) and writes
+``<run>/activations_shards/<i>-of-<n>/state.npz`` + ``shard.json`` (atomically);
+``probe activations_merge run=<run> shards=n`` checks that every shard is there and was computed
+with the same layers, data, histogram settings and weights, merges them and writes the same
+``activations/`` as one pass (counts, min, max, histograms, exemplar indices exact; sums to rounding). See stats.py for the definitions.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from probe.activations.config import ActivationsStage
+from probe.activations.config import ActivationsMergeStage, ActivationsStage, parse_shard
 from probe.activations.exemplars import TopK, crop_boxes, crop_images
 from probe.activations.grid import LogGrid
 from probe.activations.pictures import (kernel_arrays, save_crop_grid, save_feature_map_grid,
                                         save_kernel_grids)
 from probe.activations.population import collect
-from probe.activations.stats import PopulationStats
+from probe.activations.stats import LayerStats, PopulationStats
 from probe.analysis import Context, open_run
 from probe.capture import Capture, resolve_layers
+from probe.errors import RunDirError
 from probe.rundir import staged_dir, write_json
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: ActivationsStage) -> Path:
+    """The whole split in one pass -> ``<run>/activations/``; with ``shard=i/n`` only shard i -> its state."""
     ctx = open_run(cfg)
     model = ctx.run.model
     layers = resolve_layers(model, cfg.layers, "layers")
-    num_classes = max(len(ctx.data.classes), int(ctx.labels.max()) + 1 if len(ctx.labels) else 0)
-    loader = DataLoader(ctx.dataset, batch_size=cfg.data.batch_size, shuffle=False,
+    shard = parse_shard(cfg.shard)
+    if shard is not None:
+        return run_shard(cfg, ctx, layers, *shard)
+    stats, tops = _collect(cfg, ctx, layers, ctx.dataset, 0)
+    return write_outputs(cfg, ctx, layers, stats, tops)
+
+
+def _num_classes(ctx: Context) -> int:
+    return max(len(ctx.data.classes), int(ctx.labels.max()) + 1 if len(ctx.labels) else 0)
+
+
+def _collect(cfg: ActivationsStage, ctx: Context, layers: list[str], dataset, start: int):
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False,
                         pin_memory=ctx.device.type == "cuda")
-    stats, tops = collect(model, loader, layers, ctx.device, num_classes, LogGrid(cfg.hist_bits, cfg.hist_octaves),
-                          cfg.top_k, cfg.hist_stride)
+    return collect(ctx.run.model, loader, layers, ctx.device, _num_classes(ctx),
+                   LogGrid(cfg.hist_bits, cfg.hist_octaves), cfg.top_k, cfg.hist_stride, start=start)
+
+
+def write_outputs(cfg: ActivationsStage, ctx: Context, layers: list[str], stats: PopulationStats,
+                  tops: dict[str, TopK]) -> Path:
+    """Everything in ``<run>/activations/`` from the accumulated statistics (single pass or merged shards)."""
+    model = ctx.run.model
     seen = [n for n in layers if stats[n].channels is not None]
-    for n in set(layers) - set(seen):
+    for n in [n for n in layers if n not in seen]:
         log.warning("activations: layer %s produced no tensor output; skipped", n)
     fm_layers = resolve_layers(model, cfg.feature_map_layers, "feature_map_layers") if cfg.feature_map_layers else \
         [n for n in seen if stats[n].shape != (1, 1)]
@@ -55,6 +83,93 @@ def run(cfg: ActivationsStage) -> Path:
             save_state(stats, tops, seen, tmp / "state.npz")
     log.info("%s: activations of %d layers over %d images", out, len(seen), len(ctx.dataset))
     return out
+
+
+# -- sharded extraction ------------------------------------------------------------------------
+SHARDS_DIR = "activations_shards"
+
+
+def shard_range(total: int, i: int, n: int) -> tuple[int, int]:
+    """Shard ``i`` of ``n`` is the contiguous index range ``[i N // n, (i + 1) N // n)`` of the split.
+
+    Contiguous (not strided) ranges: each shard reads consecutive files, and sizes differ by at most one.
+    """
+    return i * total // n, (i + 1) * total // n
+
+
+def shard_dir(run: Path, i: int, n: int) -> Path:
+    return Path(run) / SHARDS_DIR / f"{i}-of-{n}"
+
+
+def _weights_digest(run: Path) -> str:
+    h = hashlib.sha256()
+    with open(Path(run) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_key(cfg: ActivationsStage, ctx: Context, layers: list[str]) -> dict:
+    """What every shard of one merge must share (the merge checks it)."""
+    return {"images": len(ctx.dataset), "layers": list(layers), "split": cfg.data.split, "limit": cfg.data.limit,
+            "top_k": cfg.top_k, "hist_bits": cfg.hist_bits, "hist_octaves": cfg.hist_octaves,
+            "hist_stride": cfg.hist_stride, "num_classes": _num_classes(ctx),
+            "weights_sha256": _weights_digest(ctx.run.path)}
+
+
+def run_shard(cfg: ActivationsStage, ctx: Context, layers: list[str], i: int, n: int) -> Path:
+    """Statistics of shard ``i`` of ``n`` -> ``<run>/activations_shards/<i>-of-<n>/{state.npz, shard.json}``."""
+    lo, hi = shard_range(len(ctx.dataset), i, n)
+    stats, tops = _collect(cfg, ctx, layers, Subset(ctx.dataset, list(range(lo, hi))), lo)
+    out = shard_dir(ctx.run.path, i, n)
+    with staged_dir(out) as tmp:
+        save_state(stats, tops, layers, tmp / "state.npz")
+        write_json(tmp / "shard.json", {"shard": i, "shards": n, "start": lo, "stop": hi, **_shard_key(cfg, ctx, layers)})
+    log.info("%s: activations shard %d/%d (images %d..%d of %d)", out, i, n, lo, hi, len(ctx.dataset))
+    return out
+
+
+def load_state(path: Path, layers: list[str], top_k: int) -> tuple[PopulationStats, dict[str, TopK]]:
+    """Read what :func:`save_state` wrote (layers with no output keep empty accumulators)."""
+    grouped: dict[str, dict[str, dict]] = {"stats": {n: {} for n in layers}, "topk": {n: {} for n in layers}}
+    with np.load(path) as z:
+        for key in z.files:
+            kind, rest = key.split("/", 1)
+            name, field = rest.rsplit("/", 1)
+            grouped[kind].setdefault(name, {})[field] = z[key]
+    stats = PopulationStats({n: LayerStats.from_state(n, grouped["stats"][n]) for n in layers})
+    tops = {n: TopK.from_state(n, top_k, grouped["topk"][n]) for n in layers}
+    return stats, tops
+
+
+def merge(cfg: ActivationsMergeStage) -> Path:
+    """``probe activations_merge run=<run> shards=<n>``: shards 0..n-1 -> the single-pass ``activations/``."""
+    ctx = open_run(cfg)
+    layers = resolve_layers(ctx.run.model, cfg.layers, "layers")
+    n, key = cfg.shards, _shard_key(cfg, ctx, layers)
+    folders = [shard_dir(ctx.run.path, i, n) for i in range(n)]
+    missing = [str(f / "state.npz") for f in folders if not (f / "state.npz").is_file() or not (f / "shard.json").is_file()]
+    if missing:
+        raise RunDirError(f"activations_merge: {len(missing)} of {n} shards missing: {', '.join(missing)} "
+                          f"(run `probe activations run={cfg.run} shard=<i>/{n}` for each)")
+    stats = tops = None
+    for i, f in enumerate(folders):
+        info = json.loads((f / "shard.json").read_text())
+        diff = sorted(k for k in key if info.get(k) != key[k])
+        if diff:
+            raise RunDirError(f"{f}: shard computed with other {', '.join(diff)} than this merge "
+                              f"(rerun it with the same layers/data/histogram settings on the same weights)")
+        if (info["start"], info["stop"]) != shard_range(key["images"], i, n):
+            raise RunDirError(f"{f}: covers images {info['start']}..{info['stop']}, expected {shard_range(key['images'], i, n)}")
+        s, t = load_state(f / "state.npz", layers, cfg.top_k)
+        if stats is None:
+            stats, tops = s, t
+        else:
+            stats.merge(s)
+            for name in layers:
+                tops[name].merge(t[name])
+    log.info("activations_merge: %d shards of %s", n, ctx.run.path)
+    return write_outputs(cfg, ctx, layers, stats, tops)
 
 
 def write_tables(stats: PopulationStats, tops: dict[str, TopK], layers: list[str], labels: np.ndarray,
