@@ -75,6 +75,86 @@ def _register_model_options() -> None:
         cs.store(group="model", name=name, node={"name": name})
 
 
+# stage -> (attribute path, key in messages) of the config values that name layers of the run's model
+LAYER_KEYS = {
+    "activations": (("layers", "layers"), ("feature_map_layers", "feature_map_layers")),
+    "saliency": (("saliency.gradcam_layer", "saliency.gradcam_layer"),),
+    "synthesize": (("synthesis.layers", "synthesis.layers"), ("synthesis.dream.layer", "synthesis.dream.layer")),
+    "geometry": (("layers", "layers"),),
+}
+MAX_PRECHECKS = 64  # sweeps: at most this many compositions are checked up front
+
+
+def _override_sets(overrides: list[str], multirun: bool) -> list[list[str]] | None:
+    """The override lists to check before anything runs: the command's own, or for a sweep enough
+    combinations that every swept value appears once (None: a sweep we cannot expand here)."""
+    if not multirun:
+        return [overrides]
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        choices = []
+        for o in OverridesParser.create().parse_overrides(overrides):
+            if o.is_sweep_override():
+                if not o.is_discrete_sweep():
+                    return None
+                choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+            else:
+                choices.append([o.input_line])
+    except Exception:  # glob() choices and other sweeper syntax: checked by each job instead
+        return None
+    n = min(max((len(c) for c in choices), default=1), MAX_PRECHECKS)
+    return [[c[i % len(c)] for c in choices] for i in range(n)]
+
+
+def _precheck(stage: str, overrides: list[str]) -> None:
+    """Compose and validate the config (and the run dirs and layer names it refers to) before Hydra
+    creates any output folder, so that a bad command writes nothing. Raises ConfigError/RunDirError."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from probe.config import AnalysisStage
+
+    with initialize_config_module(config_module="probe.conf", version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=overrides)
+    if "run_dir" in cfg and OmegaConf.is_interpolation(cfg, "run_dir"):
+        cfg.run_dir = "."  # ${hydra:runtime.output_dir}: only known once Hydra runs the job
+    obj = to_object(cfg)
+    from probe.rundir import read_card
+
+    if isinstance(obj, AnalysisStage):
+        card = read_card(obj.run)
+        _check_layers(stage, obj, card)
+    elif stage == "report":
+        from probe.report.collect import find_run_dirs
+
+        for path in find_run_dirs(obj.runs, obj.sweep):
+            read_card(path)
+
+
+def _check_layers(stage: str, obj, card: dict) -> None:
+    keys = LAYER_KEYS.get(stage, ())
+    wanted = []
+    for path, key in keys:
+        value = obj
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        if value:
+            wanted.append((key, [value] if isinstance(value, str) else list(value)))
+    if not wanted:
+        return
+    from probe.capture import resolve_layers
+    from probe.models import build
+
+    m = card["model"]
+    try:  # the architecture only (no weights): layer names do not depend on them
+        model = build(m["name"], in_channels=m["in_channels"], num_classes=m["num_classes"], **m.get("kwargs", {}))
+    except Exception:  # the stage itself reports a model it cannot build
+        return
+    for key, names in wanted:
+        resolve_layers(model, names, key)
+
+
 def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -93,6 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     register_schemas({stage: schema})
     _register_model_options()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we print them as one line
+
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    overrides = [a for a in rest if a not in ("-m", "--multirun")]
+    if not any(a.startswith("-") for a in overrides):  # --help, --cfg, --info ...: Hydra answers those
+        try:
+            for chosen in _override_sets(overrides, multirun) or []:
+                _precheck(stage, chosen)
+        except ProbeError as e:
+            print(f"probe {stage}: error: {e}", file=sys.stderr)
+            return e.exit_code
+        except (HydraException, OmegaConfBaseException) as e:
+            print(f"probe {stage}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
 
     failures: list[ProbeError] = []
 
