@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -62,12 +64,45 @@ def save_weights(model: nn.Module, path: Path) -> None:
         raise
 
 
+def _owner_alive(tmp: Path, name: str) -> bool:
+    """Whether the process that made temp folder ``.<name>.<host>-<pid>.<random>.tmp`` may still run."""
+    m = re.fullmatch(rf"\.{re.escape(name)}\.(?P<host>.+)-(?P<pid>\d+)\.[^.]+\.tmp", tmp.name)
+    if m is None or m["host"] != socket.gethostname():
+        return True  # another machine's, or an older naming: leave it alone
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(final: Path) -> None:
+    """Remove what interrupted stages left beside ``final``: temp folders of processes that no longer
+    run, and restore ``.<name>.old`` (the previous complete output) when a swap was cut short."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for tmp in final.parent.glob(f".{final.name}.*.tmp"):
+        if tmp.is_dir() and not _owner_alive(tmp, final.name):
+            shutil.rmtree(tmp, ignore_errors=True)
+    old = final.parent / f".{final.name}.old"
+    if old.is_dir() and not final.exists():
+        os.replace(old, final)
+
+
 @contextlib.contextmanager
 def staged_dir(final: Path):
-    """Yield a temporary folder beside ``final``; on success it replaces ``final`` as a whole."""
+    """Yield a temporary folder beside ``final``; on success it replaces ``final`` as a whole.
+
+    A process killed at any moment leaves ``final`` as it was (or, during the swap, in
+    ``.<name>.old``, restored by the next call) and a temp folder that the next call removes."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    clean_stale(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{socket.gethostname()}-{os.getpid()}.",
+                                suffix=".tmp"))
     tmp.chmod(0o755)
     try:
         yield tmp
