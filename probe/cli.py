@@ -56,12 +56,30 @@ def _one_line(e: BaseException) -> str:
         options = re.findall(r"^\t(\S+)$", text, flags=re.M)
         return f"{group}: '{value}' is not allowed{closest(value, options)}; allowed: {', '.join(options[:15])}"
     cause = e.__cause__ or e.__context__
+    unknown = _unknown_key(cause)
+    if unknown:
+        return unknown
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if cause is not None and str(cause).strip():
         lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
     key = next((ln for ln in lines if ln.startswith("full_key:")), None)
     first = lines[0] if lines else type(e).__name__
     return f"{key.split(':', 1)[1].strip()}: {first}" if key and key.split(':', 1)[1].strip() else first
+
+
+def _unknown_key(cause) -> str | None:
+    """``key: unknown key (did you mean 'x'?); allowed: ...`` for an override of a key the schema lacks."""
+    from omegaconf import DictConfig
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not getattr(cause, "key", None):
+        return None
+    parent = getattr(cause, "parent_node", None)
+    if not isinstance(parent, DictConfig):
+        return None
+    keys = [str(k) for k in parent.keys() if k != "hydra"]
+    key = cause.full_key or cause.key
+    return f"{key}: unknown key{closest(cause.key, keys)}; allowed: {', '.join(keys)}"
 
 
 def _register_model_options() -> None:
@@ -194,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             func(to_object(cfg))
         except ProbeError as e:  # reported below as one line, without Hydra's traceback
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise  # the job's failure travels back to the sweep (joblib/submitit run jobs in other processes)
             failures.append(e)
 
     old_argv = sys.argv

@@ -8,7 +8,7 @@ from probe.cli import main
 @pytest.mark.parametrize(
     "overrides,key,hint",
     [
-        (["train.foo=1"], "train.foo", "not in"),  # unknown key
+        (["train.foo=1"], "train.foo", "unknown key; allowed: epochs"),  # unknown key
         (["data.batch_size=abc"], "data.batch_size", "Integer"),  # wrong type
         (["data.batch_size=-5"], "data.batch_size", ">= 1"),  # out of range
         (["train.lr=0"], "train.lr", "> 0"),  # out of range (open)
