@@ -1,0 +1,75 @@
+"""Launchers: the SLURM config composes (no cluster needed); a real local joblib sweep; failures of jobs in
+worker processes reach the exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROBE = str(Path(sys.executable).parent / "probe")
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_module
+
+    from probe.cli import _register_model_options
+    from probe.config import TrainStage, register_schemas
+
+    register_schemas({"train": TrainStage})
+    _register_model_options()
+    with initialize_config_module("probe.conf", version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def test_slurm_launcher_composes_and_selects_submitit():
+    cfg = _compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "model=tiny_cnn"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu"
+    for key in ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "array_parallelism"):
+        assert isinstance(launcher[key], int) and launcher[key] >= 0, key
+    # the launcher class itself resolves (imports submitit) without a cluster
+    from hydra.utils import get_class
+
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+
+
+def test_joblib_launcher_is_registered_by_its_plugin():
+    cfg = _compose(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+
+
+def _probe(args, cwd):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([PROBE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_joblib_sweep_gives_complete_distinct_runs(tmp_path):
+    out = _probe(["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=tiny_cnn", "seed=0,1,2,3",
+                  "data.image_size=16", "train.epochs=1", "progress=false"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cards = sorted((tmp_path / "multirun" / "train").glob("*/*/card.json"))
+    assert len(cards) == 4
+    runs = [json.loads(c.read_text()) for c in cards]
+    assert sorted(r["seed"] for r in runs) == [0, 1, 2, 3]
+    assert len({c.parent for c in cards}) == 4
+    for c in cards:  # complete run dirs
+        for f in ("model.safetensors", "metrics.json", "config.yaml", "train_log.csv"):
+            assert (c.parent / f).is_file(), (c.parent, f)
+    # different seeds, different weights
+    digests = {__import__("hashlib").sha256((c.parent / "model.safetensors").read_bytes()).hexdigest() for c in cards}
+    assert len(digests) == 4
+
+
+@pytest.mark.slow
+def test_failure_in_a_joblib_worker_sets_the_exit_code(tmp_path):
+    out = _probe(["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=tiny_cnn", "seed=0,1",
+                  "data=imagefolder", f"data.root={tmp_path / 'nowhere'}", "train.epochs=1"], tmp_path)
+    assert out.returncode == 1
+    assert "image folder not found" in out.stderr
