@@ -8,6 +8,7 @@ has finished, so an interrupted stage leaves the previous complete output or non
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -15,9 +16,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch.nn as nn
 from safetensors.torch import save_file
 
@@ -46,6 +49,20 @@ def write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like ``np.savez_compressed`` but with fixed zip timestamps and sorted keys: same arrays, same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            arr = io.BytesIO()
+            np.lib.format.write_array(arr, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            zf.writestr(info, arr.getvalue())
+    write_bytes(Path(path), buf.getvalue())
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

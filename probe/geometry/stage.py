@@ -21,7 +21,7 @@ from probe.geometry.erf import erf_maps, erf_rms, erf_size
 from probe.geometry.fields import LayerField, layer_fields
 from probe.geometry.forward import layer_outputs, module_types
 from probe.geometry.invariance import Transform, transforms
-from probe.rundir import staged_dir, write_json
+from probe.rundir import staged_dir, write_json, write_npz
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,10 @@ def run(cfg: GeometryStage) -> Path:
         eq.to_parquet(tmp / "equivariance.parquet", index=False)
         inv.to_parquet(tmp / "invariance.parquet", index=False)
         erf.to_parquet(tmp / "erf.parquet", index=False)
-        np.savez_compressed(tmp / "erf_maps.npz", **{f"{k}/{n}": m for k, per in maps.items() for n, (m, _) in per.items()})
+        write_npz(tmp / "erf_maps.npz", {f"{k}/{n}": m for k, per in maps.items() for n, (m, _) in per.items()})
         if dyn is not None:
             dyn.to_parquet(tmp / "dynamics.parquet", index=False)
-            np.savez_compressed(tmp / "dynamics_filters.npz", **filters)
+            write_npz(tmp / "dynamics_filters.npz", filters)
         if cfg.figures:
             figures.erf_heatmaps({k: {n: m for n, (m, _) in per.items()} for k, per in maps.items()}, tmp / "erf_heatmaps.png")
             figures.erf_vs_depth(erf, tmp / "erf_vs_depth.png")

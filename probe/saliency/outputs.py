@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from probe.rundir import write_bytes
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Like ``np.savez_compressed`` but with fixed zip timestamps and sorted keys: same arrays, same bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for key in sorted(arrays):
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            arr = io.BytesIO()
-            np.lib.format.write_array(arr, np.ascontiguousarray(arrays[key]), allow_pickle=False)
-            zf.writestr(info, arr.getvalue())
-    write_bytes(Path(path), buf.getvalue())
 
 
 def overlay_grid(path: Path, images: np.ndarray, maps: np.ndarray, titles: list[str], signed: bool,

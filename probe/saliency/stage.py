@@ -31,12 +31,12 @@ import torch.nn as nn
 
 from probe.analysis import open_run
 from probe.errors import NumericalError
-from probe.rundir import staged_dir, write_json
+from probe.rundir import staged_dir, write_json, write_npz
 from probe.saliency.batching import map_batches
 from probe.saliency.config import SaliencyConfig, SaliencyStage
 from probe.saliency.faithfulness import attribution_order, deletion_insertion_auc, random_order
 from probe.saliency.methods import REDUCTION, MethodSettings, attribute, occlusion_geometry, reduce_channels
-from probe.saliency.outputs import overlay_grid, write_npz
+from probe.saliency.outputs import overlay_grid
 from probe.saliency.prepare import attribution_copy, gradcam_layer
 from probe.saliency.randomisation import cascade_order, cascading_randomisations, compare_maps
 from probe.saliency.substrates import reference

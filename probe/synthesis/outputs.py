@@ -1,29 +1,14 @@
-"""Writing the synthesis folder: deterministic npz (no zip timestamps) and PNG grids."""
+"""Writing the synthesis folder's PNG grids."""
 
 from __future__ import annotations
 
 import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from probe.rundir import write_bytes
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Like ``np.savez_compressed`` but with fixed zip timestamps: same arrays, same bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name in sorted(arrays):
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            one = io.BytesIO()
-            np.lib.format.write_array(one, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            zf.writestr(info, one.getvalue())
-    write_bytes(Path(path), buf.getvalue())
 
 
 def grid_png(path: Path, images: np.ndarray, cols: int | None = None, min_tile: int = 64, gap: int = 2) -> None:

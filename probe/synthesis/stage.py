@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader
 
 from probe.analysis import Context, open_run
 from probe.capture import resolve_layers
-from probe.rundir import staged_dir, write_json
+from probe.rundir import staged_dir, write_json, write_npz
 from probe.synthesis import objectives as O
 from probe.synthesis.config import SynthesisConfig, SynthesizeStage, select_indices
 from probe.synthesis.dream import deep_dream_octaves, zoom_frames
-from probe.synthesis.outputs import grid_png, write_npz
+from probe.synthesis.outputs import grid_png
 from probe.synthesis.param import ImageParam, color_sqrt_from_data
 from probe.synthesis.render import forward_capture, frozen, render
 from probe.synthesis.transform import Transforms
