@@ -39,6 +39,7 @@ STAGES = {
     "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),
     "saliency": ("probe.saliency.stage:run", "probe.saliency.config:SaliencyStage"),
     "report": ("probe.report.stage:run", "probe.report.config:ReportStage"),
+    "weights": ("probe.models.check:run", "probe.models.check:WeightsStage"),
 }
 
 
