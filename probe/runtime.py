@@ -32,3 +32,45 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
+
+
+# -- the device policy of the hot loops (activations pass, training): one place --------------------------
+def fast_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``; on CUDA in channels_last memory format (faster cuDNN convolutions, tensor cores).
+
+    On the CPU the model is only moved (memory format unchanged): a no-op for a model already there.
+    """
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device_batch(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch on ``device`` without a host sync: non-blocking copy (from pinned memory), channels_last on CUDA.
+
+    On the CPU, a CPU tensor is returned as it is.
+    """
+    if device.type != "cuda":
+        return x.to(device)
+    if x.dim() == 4:
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA when ``enabled`` (and the GPU supports bf16); a no-op context elsewhere.
+
+    Only forward passes whose outputs feed float32/float64 accumulators use it (the statistics pass
+    converts every captured output to float32 first); gradients for saliency stay in float32.
+    """
+    import contextlib
+
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def pin_memory(device: torch.device) -> bool:
+    """DataLoader ``pin_memory``: on CUDA only (page-locked host buffers make non-blocking copies asynchronous)."""
+    return device.type == "cuda"

@@ -23,7 +23,7 @@ from probe.models import build, spec
 from probe.models.summary import layer_table
 from probe.models.weights import load_into, read_state_dict
 from probe.rundir import CARD_VERSION, git_commit, library_versions, save_weights, write_bytes, write_json
-from probe.runtime import pick_device, seed_everything
+from probe.runtime import fast_model, pick_device, pin_memory, seed_everything, to_device_batch
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -31,7 +31,7 @@ LOG_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 
 def loader(ds, batch_size: int, shuffle: bool, seed: int, device: torch.device, num_workers: int = 0) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda")
+                      generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory(device))
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def evaluate(model: nn.Module, dl: DataLoader, device: torch.device) -> tuple[fl
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
     for x, y in dl:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = to_device_batch(x, device), to_device_batch(y, device)
         out = model(x).float()
         loss_sum += F.cross_entropy(out, y, reduction="sum").double()
         correct += (out.argmax(1) == y).sum()
@@ -84,7 +84,7 @@ def train(cfg: TrainStage) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
 
-    model.to(device)
+    model = fast_model(model, device)  # channels_last on CUDA
     opt = _optimizer(model, cfg)
     bs = cfg.data.batch_size
     train_dl = loader(data.train, bs, True, cfg.seed, device, cfg.data.num_workers)
@@ -120,7 +120,7 @@ def train(cfg: TrainStage) -> Path:
         correct = torch.zeros((), dtype=torch.int64, device=device)
         n = 0
         for x, y in tqdm(train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show, leave=False):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = to_device_batch(x, device), to_device_batch(y, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(x)
             loss = F.cross_entropy(out.float(), y)

@@ -38,6 +38,7 @@ class ActivationsStage(AnalysisStage):
     # "i/n": statistics of shard i of n only (contiguous index ranges), written as mergeable state to
     # <run>/activations_shards/<i>-of-<n>/; `probe activations_merge run=<run> shards=<n>` writes activations/
     shard: Optional[str] = None
+    amp: bool = True  # CUDA only: forward pass in bf16 autocast (statistics still accumulate in float32/float64)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -11,16 +11,20 @@ from probe.activations.exemplars import TopK
 from probe.activations.grid import LogGrid
 from probe.activations.stats import LayerStats, PopulationStats, as_maps
 from probe.capture import Capture
+from probe.runtime import autocast, fast_model, to_device_batch
 
 
 @torch.no_grad()
 def collect(model: nn.Module, batches: Iterable, layers: list[str], device: torch.device, num_classes: int,
             grid: LogGrid | None = None, top_k: int = 8, hist_stride: int = 1,
-            start: int = 0) -> tuple[PopulationStats, dict[str, TopK]]:
+            start: int = 0, amp: bool = False) -> tuple[PopulationStats, dict[str, TopK]]:
     """Stream ``batches`` of ``(x (N, C, H, W), y (N,))`` through ``model`` once each.
 
     Statistics are computed inside the forward hooks, before any following in-place ReLU.
     Image indices count from ``start`` in batch order. Nothing is copied to the host per batch.
+    On CUDA (see :mod:`probe.runtime`): channels_last model and batches, non-blocking copies and, with
+    ``amp``, the forward pass in bf16 autocast; every captured output is converted to float32 before
+    it reaches the statistics (float64 sums), so only the layer outputs carry bf16 rounding.
     """
     grid = grid or LogGrid()
     stats = PopulationStats({n: LayerStats(n, grid, num_classes, hist_stride) for n in layers})
@@ -31,9 +35,10 @@ def collect(model: nn.Module, batches: Iterable, layers: list[str], device: torc
         summary = stats[name].update(as_maps(name, out), batch["y"])
         tops[name].update(summary, batch["start"])
 
-    with Capture(model, layers, fn=record):
+    model = fast_model(model, device)
+    with Capture(model, layers, fn=record), autocast(device, amp):
         for x, y in batches:
-            batch["y"] = torch.as_tensor(y).to(device, non_blocking=True).long()
-            model(x.to(device, non_blocking=True))
+            batch["y"] = to_device_batch(torch.as_tensor(y), device).long()
+            model(to_device_batch(x, device))
             batch["start"] += len(x)
     return stats, tops

@@ -35,6 +35,7 @@ from probe.analysis import Context, open_run
 from probe.capture import Capture, resolve_layers
 from probe.errors import RunDirError
 from probe.rundir import staged_dir, write_json
+from probe.runtime import pin_memory
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,9 @@ def _num_classes(ctx: Context) -> int:
 
 
 def _collect(cfg: ActivationsStage, ctx: Context, layers: list[str], dataset, start: int):
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False,
-                        pin_memory=ctx.device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, pin_memory=pin_memory(ctx.device))
     return collect(ctx.run.model, loader, layers, ctx.device, _num_classes(ctx),
-                   LogGrid(cfg.hist_bits, cfg.hist_octaves), cfg.top_k, cfg.hist_stride, start=start)
+                   LogGrid(cfg.hist_bits, cfg.hist_octaves), cfg.top_k, cfg.hist_stride, start=start, amp=cfg.amp)
 
 
 def write_outputs(cfg: ActivationsStage, ctx: Context, layers: list[str], stats: PopulationStats,
@@ -113,7 +113,7 @@ def _shard_key(cfg: ActivationsStage, ctx: Context, layers: list[str]) -> dict:
     """What every shard of one merge must share (the merge checks it)."""
     return {"images": len(ctx.dataset), "layers": list(layers), "split": cfg.data.split, "limit": cfg.data.limit,
             "top_k": cfg.top_k, "hist_bits": cfg.hist_bits, "hist_octaves": cfg.hist_octaves,
-            "hist_stride": cfg.hist_stride, "num_classes": _num_classes(ctx),
+            "hist_stride": cfg.hist_stride, "num_classes": _num_classes(ctx), "amp": cfg.amp and ctx.device.type == "cuda",
             "weights_sha256": _weights_digest(ctx.run.path)}
 
 
