@@ -58,9 +58,21 @@ def test_dvc_experiment_changes_a_param_and_shows_metrics(repo):
     _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
     _sh(["dvc", "exp", "run", "-S", "runs.tiny.epochs=2"], repo)
     shown = json.loads(_sh(["dvc", "exp", "show", "--json"], repo))
-    exps = [e for commit in shown for e in (commit.get("experiments") or [])]
-    revs = [r["data"] for e in exps for r in e["revs"]]
-    changed = [d for d in revs if d["params"]["params.yaml"]["data"]["runs"]["tiny"]["epochs"] == 2]
-    assert len(changed) == 1
+
+    def records(node):  # every dict in the output that holds a revision's params and metrics
+        if isinstance(node, dict):
+            if isinstance(node.get("params"), dict) and isinstance(node.get("metrics"), dict):
+                yield node
+            for value in node.values():
+                yield from records(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from records(value)
+
+    def epochs(rec):
+        return rec["params"].get("params.yaml", {}).get("data", {}).get("runs", {}).get("tiny", {}).get("epochs")
+
+    changed = [r for r in records(shown) if epochs(r) == 2]
+    assert len(changed) == 1, [epochs(r) for r in records(shown)]
     metrics = changed[0]["metrics"]["artifacts/tiny/metrics.json"]["data"]
     assert metrics["epochs"] == 2 and 0 <= metrics["test_acc"] <= 1

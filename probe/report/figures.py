@@ -79,7 +79,7 @@ def heat_overlay(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
     """Grey images ``(N, C, H, W)`` in [0, 1] under a red heat map of ``maps`` ``(N, H, W)`` -> ``(N, 3, H, W)``."""
     grey = images.mean(1)
     heat = minmax(np.abs(maps))
-    r = 0.5 * grey + 0.5 * heat
-    g = 0.5 * grey + 0.5 * heat * 0.2
-    b = 0.5 * grey
+    r = np.clip(0.6 * grey + heat, 0, 1)
+    g = 0.6 * grey * (1 - heat) + 0.3 * heat
+    b = 0.6 * grey * (1 - heat)
     return np.stack([r, g, b], 1)

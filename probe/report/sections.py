@@ -116,9 +116,9 @@ def filters(runs: list[RunData]) -> dict:
         layer = weights[0].split("/")[0]
         if w.shape[1] == 3:
             img = minmax(w, axes=(1, 2, 3))
-            uri = grid_uri(img[:64], cols=8, scale=6)
+            uri = grid_uri(img[:64], cols=8, scale=10)
         else:
-            uri = grid_uri(w[:64, :1], cols=8, scale=6, signed=True)
+            uri = grid_uri(w[:64, :1], cols=8, scale=10, signed=True)
         items.append((f"{r.label}: {layer}, {w.shape[0]} kernels {w.shape[2]}x{w.shape[3]}", uri))
     if items:
         s["blocks"].append(_gallery("First convolutional layer", items))
@@ -147,7 +147,7 @@ def feature_maps(runs: list[RunData], n_images: int) -> dict:
         grey_images = images.mean(1, keepdims=True) if images.shape[1] != 1 else images
         rows = np.concatenate([grey_images[:, None], maps[:, :, None]], axis=1)  # (n, 1 + c, 1, H, W)
         items.append((f"{r.label}: input + {layers[0]} channels 0-{c - 1}",
-                      grid_uri(rows.reshape(-1, 1, ih, iw), cols=c + 1, scale=3)))
+                      grid_uri(rows.reshape(-1, 1, ih, iw), cols=c + 1, scale=2)))
     if items:
         s["blocks"].append(_gallery("Probe images (rows) through each model", items))
     return s
@@ -202,7 +202,11 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
             if z is None or ex is None:
                 continue
             layers = [k.split("/")[0] for k in z.files if k.endswith("/crops")]
-            convs = [n for n in layers if any(row["name"] == n and row["type"] == "Conv2d" for row in r.card["layers"])]
+            # the deepest conv whose receptive field is still a part of the image (shortcuts excluded)
+            size = r.card["data"]["image_size"]
+            rows = {row["name"]: row for row in r.card["layers"]}
+            convs = [n for n in layers if rows.get(n, {}).get("type") == "Conv2d" and "shortcut" not in n
+                     and "downsample" not in n and (rows[n].get("receptive_field") or [size])[0] < size]
             layer = (convs or layers)[-1] if (convs or layers) else None
             if layer is None:
                 continue
