@@ -34,7 +34,7 @@ from probe.activations.stats import LayerStats, PopulationStats
 from probe.analysis import Context, open_run
 from probe.capture import Capture, resolve_layers
 from probe.errors import RunDirError
-from probe.rundir import staged_dir, write_json
+from probe.rundir import staged_dir, write_json, write_npz
 from probe.runtime import pin_memory
 
 log = logging.getLogger(__name__)
@@ -244,12 +244,12 @@ def write_crops(ctx: Context, tops: dict[str, TopK], stats: PopulationStats, lay
         arrays[f"{n}/boxes"] = boxes.reshape(C, K, 4)  # top, left, height, width in input pixels
         if images:
             save_crop_grid(n, arrays[f"{n}/crops"], folder)
-    np.savez_compressed(folder / "exemplar_crops.npz", **arrays)
+    write_npz(folder / "exemplar_crops.npz", arrays)
 
 
 def write_filters(model: torch.nn.Module, layers: list[str], images: bool, folder: Path) -> None:
     arrays = kernel_arrays(model, layers)
-    np.savez_compressed(folder / "filters.npz", **arrays)
+    write_npz(folder / "filters.npz", arrays)
     if images:
         save_kernel_grids(arrays, folder)
 
@@ -266,7 +266,7 @@ def write_feature_maps(ctx: Context, layers: list[str], images: bool, folder: Pa
             arrays[n] = cap.outputs[n].float().cpu().numpy().astype(np.float16)
             if images and arrays[n].ndim == 4:
                 save_feature_map_grid(n, arrays[n], arrays["probe_labels"], folder)
-    np.savez_compressed(folder / "feature_maps.npz", **arrays)
+    write_npz(folder / "feature_maps.npz", arrays)
 
 
 def save_state(stats: PopulationStats, tops: dict[str, TopK], layers: list[str], path: Path) -> None:
