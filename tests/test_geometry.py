@@ -224,3 +224,44 @@ def test_erf_rms_of_a_uniform_3x3_block():
     # mean squared distance: 4 corners at 2, 4 edges at 1, centre at 0 -> 12 / 9
     assert erf_rms(m, (4, 4)) == pytest.approx(np.sqrt(12 / 9))
     assert erf_rms(m) == pytest.approx(np.sqrt(12 / 9))
+
+
+def test_snapshot_synthetic_images_activate_their_channel(tmp_path):
+    """With train.snapshot_epochs, geometry renders the same channels at every snapshot; each image
+    activates its channel (checked by a direct forward pass of that snapshot) more than a grey image."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from probe.cli import main
+    from probe.models import build
+
+    run = tmp_path / "run"
+    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", "progress=false",
+                 "train.snapshot_epochs=[0,1]", f"run_dir={run}"]) == 0
+    assert main(["geometry", f"run={run}", "data.probe_per_class=1", "erf.noise_images=0", "figures=false",
+                 "dynamics_channels=2", "dynamics_steps=24"]) == 0
+    images = np.load(run / "geometry" / "dynamics_synthesis.npz")
+    assert sorted(images.files) == ["epoch_0000", "epoch_0001"]
+    table = pd.read_parquet(run / "geometry" / "dynamics_synthesis.parquet")
+    card = json.loads((run / "card.json").read_text())
+    mean = torch.tensor(card["data"]["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(card["data"]["std"]).view(1, -1, 1, 1)
+    for epoch in (0, 1):
+        model = build("tiny_cnn", weights=str(run / "snapshots" / f"epoch_{epoch:04d}.safetensors"))
+        pixels = torch.from_numpy(images[f"epoch_{epoch:04d}"])
+        assert pixels.shape == (2, 1, 16, 16) and 0 <= pixels.min() and pixels.max() <= 1
+        grey = torch.full_like(pixels, 0.5)
+        layer = table["layer"].iloc[0]
+        out = {}
+        handle = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: out.__setitem__("y", o))
+        with torch.no_grad():
+            model((pixels - mean) / std)
+            reached = out["y"].mean((2, 3))
+            model((grey - mean) / std)
+            baseline = out["y"].mean((2, 3))
+        handle.remove()
+        for i in range(2):
+            assert reached[i, i] > baseline[i, i]
+            row = table[(table["epoch"] == epoch) & (table["channel"] == i)]
+            assert abs(float(row["activation"].iloc[0]) - float(reached[i, i])) < 1e-4

@@ -59,6 +59,8 @@ class GeometryStage(AnalysisStage):
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
     erf: ErfConfig = field(default_factory=ErfConfig)
     dynamics: bool = True  # first-layer filters, dead fraction and sparsity per snapshot (train.snapshot_epochs)
+    dynamics_channels: int = 4  # synthetic images per snapshot: the first channels of the middle conv layer
+    dynamics_steps: int = 48  # their optimisation steps (0: no synthetic images)
     figures: bool = True
 
     def __post_init__(self) -> None:

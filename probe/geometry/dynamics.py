@@ -63,3 +63,32 @@ def dynamics_table(model: nn.Module, x: torch.Tensor, snapshots: list[tuple[int,
             filters[f"epoch_{epoch:04d}"] = dict(model.named_modules())[conv].weight.detach().float().cpu().numpy()
     cols = ["epoch", "layer", "depth", "channels", "sparsity", "dead_fraction"]
     return pd.DataFrame(rows, columns=cols), filters
+
+
+def middle_conv(model: nn.Module) -> str | None:
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return convs[len(convs) // 2] if convs else None
+
+
+def snapshot_images(model: nn.Module, snapshots: list[tuple[int, Path]], layer: str, channels: list[int],
+                    in_channels: int, size: int, mean, std, steps: int, device: torch.device | str = "cpu"
+                    ) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
+    """Per snapshot, synthetic images ``(len(channels), C, H, W)`` in [0, 1] maximising ``channels`` of
+    ``layer``, from the same initial parameters at every epoch (so differences come from the weights),
+    and the activation each reaches (spatial mean) in a table (epoch, layer, channel, activation)."""
+    from probe.synthesis import objectives as O
+    from probe.synthesis.param import ImageParam
+    from probe.synthesis.render import render
+
+    model = copy.deepcopy(model)
+    images, rows = {}, []
+    for epoch, path in snapshots:
+        load_into(model, read_state_dict(path), str(path))
+        model.to(device).eval()
+        param = ImageParam(len(channels), in_channels, size, kind="fourier", seeds=list(channels), device=device)
+        res = render(model, O.channel(layer, channels, "mean"), param, steps=steps, mean=mean, std=std, seed=0,
+                     redirect_relu_steps=steps // 4, labels=[f"epoch {epoch} {layer} channel {c}" for c in channels])
+        images[f"epoch_{epoch:04d}"] = res.pixels.numpy()
+        for i, c in enumerate(channels):
+            rows.append({"epoch": epoch, "layer": layer, "channel": c, "activation": float(res.objective[i])})
+    return images, pd.DataFrame(rows, columns=["epoch", "layer", "channel", "activation"])

@@ -15,7 +15,7 @@ from probe.analysis import open_run
 from probe.capture import resolve_layers
 from probe.geometry import figures
 from probe.geometry.config import GeometryStage
-from probe.geometry.dynamics import dynamics_table, snapshot_paths
+from probe.geometry.dynamics import dynamics_table, middle_conv, snapshot_images, snapshot_paths
 from probe.geometry import equivariance, invariance
 from probe.geometry.erf import erf_maps, erf_rms, erf_size
 from probe.geometry.fields import LayerField, layer_fields
@@ -142,6 +142,13 @@ def run(cfg: GeometryStage) -> Path:
 
     snaps = snapshot_paths(ctx.run.path) if cfg.dynamics else []
     dyn, filters = dynamics_table(model, x, snaps, bs, device) if snaps else (None, {})
+    conv = middle_conv(model)
+    synth, synth_rows = {}, None
+    if snaps and conv is not None and cfg.dynamics_steps and cfg.dynamics_channels:
+        width = dict(model.named_modules())[conv].out_channels
+        synth, synth_rows = snapshot_images(model, snaps, conv, list(range(min(cfg.dynamics_channels, width))),
+                                            int(x.shape[1]), int(x.shape[-1]), ctx.data.mean, ctx.data.std,
+                                            cfg.dynamics_steps, device)
 
     out_dir = ctx.run.path / "geometry"
     with staged_dir(out_dir) as tmp:
@@ -152,6 +159,9 @@ def run(cfg: GeometryStage) -> Path:
         if dyn is not None:
             dyn.to_parquet(tmp / "dynamics.parquet", index=False)
             write_npz(tmp / "dynamics_filters.npz", filters)
+        if synth:
+            write_npz(tmp / "dynamics_synthesis.npz", synth)
+            synth_rows.to_parquet(tmp / "dynamics_synthesis.parquet", index=False)
         if cfg.figures:
             figures.erf_heatmaps({k: {n: m for n, (m, _) in per.items()} for k, per in maps.items()}, tmp / "erf_heatmaps.png")
             figures.erf_vs_depth(erf, tmp / "erf_vs_depth.png")

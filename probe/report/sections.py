@@ -12,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 
 from probe.report.collect import STAGE_COMMANDS, RunData, differing_keys
-from probe.report.figures import figure_uri, grid_uri, heat_overlay, minmax
+from probe.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
 
 
 def _section(sid: str, title: str, intro: str = "") -> dict:
@@ -375,6 +375,21 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         ax.set_title("Effective (solid, 95% of gradient mass) vs theoretical (dashed) receptive field")
         ax.set_ylabel("side (pixels)")
         s["blocks"].append(_figure("Effective vs theoretical receptive field by depth", fig))
+    items = []
+    for r in have:  # training dynamics, for runs trained with train.snapshot_epochs
+        for name, what in (("dynamics.png", "dead fraction and sparsity"), ("dynamics_filters.png", "first-layer filters")):
+            png = r.file("geometry", name)
+            if png is not None:
+                items.append((f"{r.label}: {what} per snapshot", png_uri(png.read_bytes())))
+        z = r.arrays("geometry", "dynamics_synthesis")
+        if z is not None and z.files:
+            epochs = sorted(z.files)
+            strip = np.concatenate([z[e] for e in epochs])
+            items.append((f"{r.label}: synthetic images of the same channels at epochs "
+                          + ", ".join(str(int(e.split("_")[1])) for e in epochs) + " (rows)",
+                          grid_uri(strip, cols=len(z[epochs[0]]), scale=3)))
+    if items:
+        s["blocks"].append(_gallery("How features emerge during training", items))
     return s
 
 
