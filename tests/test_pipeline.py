@@ -55,7 +55,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
 
 def test_dvc_experiment_changes_a_param_and_shows_metrics(repo):
     _sh(["git", "add", "-A"], repo)
-    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
+    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "lock"], repo)
     _sh(["dvc", "exp", "run", "-S", "runs.tiny.epochs=2"], repo)
     shown = json.loads(_sh(["dvc", "exp", "show", "--json"], repo))
 
