@@ -2,8 +2,8 @@
 
 * probe checkpoints are safetensors;
 * torchvision weights come from the torch hub cache, read with ``torch.load(weights_only=True)``
-  (torchvision itself would call ``load_state_dict_from_url``, which unpickles with
-  full pickles (weights_only off) and downloads when the file is missing);
+  (torchvision itself would call ``load_state_dict_from_url``, which unpickles
+  without the weights-only guard and downloads when the file is missing);
 * a foreign ``.pt``/``.pth`` file is read with ``weights_only=True`` only.
 """
 
