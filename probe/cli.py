@@ -195,17 +195,6 @@ def main(argv: list[str] | None = None) -> int:
 
     multirun = any(a in ("-m", "--multirun") for a in rest)
     overrides = [a for a in rest if a not in ("-m", "--multirun")]
-    if not any(a.startswith("-") for a in overrides):  # --help, --cfg, --info ...: Hydra answers those
-        try:
-            for chosen in _override_sets(overrides, multirun) or []:
-                _precheck(stage, chosen)
-        except ProbeError as e:
-            print(f"probe {stage}: error: {e}", file=sys.stderr)
-            return e.exit_code
-        except (HydraException, OmegaConfBaseException) as e:
-            print(f"probe {stage}: error: {_one_line(e)}", file=sys.stderr)
-            return 2
-
     failures: list[ProbeError] = []
 
     @hydra.main(config_path="conf", config_name=stage, version_base="1.3")
@@ -221,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(e)
 
     old_argv = sys.argv
-    sys.argv = [f"probe-{stage}"] + rest
     try:
+        if not any(a.startswith("-") for a in overrides):  # --help, --cfg, --info ...: Hydra answers those
+            for chosen in _override_sets(overrides, multirun) or []:
+                _precheck(stage, chosen)
+        sys.argv = [f"probe-{stage}"] + rest
         app()
         if failures:
             raise failures[0]
