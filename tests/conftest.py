@@ -1,9 +1,15 @@
 import os
+import tempfile
 
 import pytest
 
 # keep matplotlib headless and quiet in every test
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the compiled statistics kernel checks every index in tests (an out-of-bounds write is an
+# IndexError here, not silent corruption); numba's cache does not tell checked code from
+# unchecked, so the checked build goes to a cache of its own, shared by the test subprocesses
+os.environ.setdefault("NUMBA_BOUNDSCHECK", "1")
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"probe-tests-numba-{os.getuid()}"))
 
 
 @pytest.fixture

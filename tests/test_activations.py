@@ -1,7 +1,7 @@
 """probe.activations against brute force on all activations held in memory.
 
 Tolerances: counts, min, max, frac_active, dead, histograms and exemplar indices exact; mean and
-class means rtol 1e-5 and std rtol 1e-4 (float32 per-image sums, float64 across images);
+class means rtol 1e-5 and std rtol 1e-4 (float64 sums of float32 values);
 quantiles: the estimate lies in the grid bin (relative width 2^-bits) of the order statistic of
 rank floor(q (n - 1)), and within one bin plus the gap to the next order statistic of
 numpy's interpolated quantile.
@@ -19,6 +19,9 @@ import torch
 import torch.nn as nn
 
 from probe.activations import LogGrid, PopulationStats, TopK, collect
+from probe.activations import stats as stats_module
+from probe.activations.exemplars import rank_key
+from probe.activations.kernel import SUB
 from probe.activations.stats import selectivity
 
 K_CLASSES = 4
@@ -64,6 +67,13 @@ def setup():
     return model, x, y, acts
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def reduction(request, monkeypatch):
+    """The one-pass CPU kernel, and the torch ops that run on CUDA (here on the CPU)."""
+    monkeypatch.setattr(stats_module, "FUSED_CPU", request.param == "kernel")
+    return request.param
+
+
 def batches(x, y, size):
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
@@ -100,7 +110,7 @@ def test_grid_bins_are_ordered_and_contain_their_values():
     assert np.all(np.diff(g.lo) >= 0) and np.all(g.hi >= g.lo)
 
 
-def test_every_statistic_matches_brute_force(setup):
+def test_every_statistic_matches_brute_force(setup, reduction):
     model, x, y, acts = setup
     stats, _ = run(model, x, y, size=8)
     grid = LogGrid()
@@ -131,7 +141,7 @@ def test_every_statistic_matches_brute_force(setup):
         # histogram: per layer and per channel, exact
         bins = grid.bin_of(a.astype(np.float32).transpose(1, 0, 2, 3).reshape(C, -1))
         per_channel = np.stack([np.bincount(b, minlength=grid.bins) for b in bins])
-        np.testing.assert_array_equal(stats[name].hist.T.numpy(), per_channel)
+        np.testing.assert_array_equal(stats[name].hist.numpy(), per_channel)
         h = stats[name].hist_frame(per_channel=True)
         layer = h[h.channel == -1]
         np.testing.assert_array_equal(layer["count"], per_channel.sum(0)[layer["bin"]])
@@ -139,7 +149,7 @@ def test_every_statistic_matches_brute_force(setup):
     assert bool(stats["conv2"].to_frame()["dead"][0])
 
 
-def test_inplace_relu_does_not_corrupt_statistics(setup):
+def test_inplace_relu_does_not_corrupt_statistics(setup, reduction):
     """conv1 is followed by ReLU(inplace=True): the statistics must see its negative outputs."""
     model, x, y, acts = setup
     stats, tops = run(model, x, y)
@@ -152,7 +162,7 @@ def test_inplace_relu_does_not_corrupt_statistics(setup):
         np.testing.assert_allclose(model(x).numpy(), acts["fc"][:, :, 0, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_exemplars_are_the_brute_force_top_k(setup):
+def test_exemplars_are_the_brute_force_top_k(setup, reduction):
     model, x, y, acts = setup
     k = 4
     _, tops = run(model, x, y, size=7, k=k)
@@ -179,7 +189,7 @@ def test_exemplars_are_the_brute_force_top_k(setup):
     top = TopK("t", 3)
     for start in (0, 4, 8):
         s = flat[start : start + 4]
-        from probe.activations.stats import BatchSummary
+        from probe.activations.exemplars import BatchSummary
 
         top.update(BatchSummary(s[:, :, 0, 0], s[:, :, 0, 0], torch.zeros(len(s), 2, dtype=torch.long)), start)
     f = top.to_frame(1, np.zeros(10, dtype=int))
@@ -189,7 +199,7 @@ def test_exemplars_are_the_brute_force_top_k(setup):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("stride", [1, 3])
-def test_merge_of_random_splits_equals_one_pass(setup, seed, stride, tmp_path):
+def test_merge_of_random_splits_equals_one_pass(setup, reduction, seed, stride, tmp_path):
     """merge(stats(A), stats(B), ...) == stats(A + B + ...), on the very same batches (a conv's float
     rounding may depend on the batch size, which is not what this tests)."""
     model, x, y, _ = setup
@@ -215,7 +225,7 @@ def test_merge_of_random_splits_equals_one_pass(setup, seed, stride, tmp_path):
         assert (a.count, a.hist_count, a.images) == (b.count, b.hist_count, b.images)
         for field in ("min", "max", "hist", "active", "class_images"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (n, field)
-        for field in ("sum", "class_sum"):  # float32 per-image sums, grouped differently: float tolerance
+        for field in ("sum", "class_sum"):  # float64 sums, grouped differently: float tolerance
             torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-6)
         fa, fb = a.to_frame(), b.to_frame()
         np.testing.assert_allclose(fa["mean"], fb["mean"], rtol=1e-6, atol=1e-7)
@@ -224,7 +234,7 @@ def test_merge_of_random_splits_equals_one_pass(setup, seed, stride, tmp_path):
         pd.testing.assert_frame_equal(whole_top[n].to_frame(a.shape[1], y.numpy()), tops[n].to_frame(a.shape[1], y.numpy()))
 
 
-def test_hist_stride_keeps_exact_activity_and_subsamples_histogram(setup):
+def test_hist_stride_keeps_exact_activity_and_subsamples_histogram(setup, reduction):
     model, x, y, acts = setup
     stats, _ = run(model, x, y, stride=3)
     a = acts["conv1"]
@@ -236,7 +246,59 @@ def test_hist_stride_keeps_exact_activity_and_subsamples_histogram(setup):
     assert stats["conv1"].hist_count == sub.shape[1]
     grid = LogGrid()
     per_channel = np.stack([np.bincount(b, minlength=grid.bins) for b in grid.bin_of(sub.astype(np.float32))])
-    np.testing.assert_array_equal(stats["conv1"].hist.T.numpy(), per_channel)
+    np.testing.assert_array_equal(stats["conv1"].hist.numpy(), per_channel)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("stride", [1, 3])
+@pytest.mark.parametrize("positions", [13, 400])  # few values per channel, and enough for sub-histograms
+def test_kernel_equals_torch_ops_on_nan_inf_ties_and_signed_zeros(monkeypatch, stride, positions):
+    g = LogGrid(bits=3, octaves=6)
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, SUB, positions) * torch.exp(torch.randn(2, 7, SUB, positions) * 4)  # C == SUB: no confusion
+    x[0, 0, 0] = 0.0  # all ties: the first position is the max
+    x[0, 1, 1, [2, 9]] = 1e9  # a tied max
+    x[1, 2, 2, 3], x[1, 3, 2, 5] = float("nan"), float("-inf")
+    x[1, 4, 3, :4] = torch.tensor([-0.0, 0.0, float("inf"), 1e-30])
+    y = torch.randint(0, 3, (2, 7))
+
+    def run(fused: bool, threads: int):
+        monkeypatch.setattr(stats_module, "FUSED_CPU", fused)
+        torch.set_num_threads(threads)
+        try:
+            s, top = stats_module.LayerStats("x", g, 3, stride), TopK("x", 14)  # every image: every max compared
+            for i in range(2):
+                s.update(x[i, :, :, :, None], y[i], top, 7 * i)
+            return s, top.state()
+        finally:
+            torch.set_num_threads(2)
+
+    ref, ref_top = run(False, 2)
+    for threads in (1, 2):  # the kernel does not depend on the number of threads
+        got, got_top = run(True, threads)
+        for f in ("hist", "min", "max", "active", "shift"):
+            assert same(getattr(got, f), getattr(ref, f)), f
+        for f, rtol in (("sum", 1e-9), ("class_sum", 1e-9), ("sumsq", 1e-5)):  # torch: float32 squares per row
+            torch.testing.assert_close(getattr(got, f), getattr(ref, f), equal_nan=True, rtol=rtol, atol=0)
+        assert (got.count, got.hist_count, got.images) == (ref.count, ref.hist_count, ref.images)
+        np.testing.assert_allclose(got_top["value"], ref_top["value"], rtol=1e-6)
+        for c in ("max_value", "argmax", "index"):
+            np.testing.assert_array_equal(got_top[c], ref_top[c])
+    # NaN propagates to min and max, and its image ranks first
+    assert ref.min.isnan()[2] and ref.max.isnan()[2]
+    assert ref_top["index"][2, 0] == 9 and np.isnan(ref_top["max_value"][2, 0]) and ref_top["argmax"][2, 0] == 3
+
+
+def test_rank_key_orders_by_value_then_index():
+    v = torch.tensor([1.0, -2.0, 0.0, -0.0, float("inf"), float("nan"), 1.0, -float("inf"), 3e-39, -3e-39])
+    i = torch.arange(len(v))
+    order = torch.argsort(rank_key(v, i), descending=True).tolist()
+    # by brute force: values descending, NaN as +inf, -0.0 == 0.0, ties by lower index
+    want = sorted(range(len(v)), key=lambda j: (-np.nan_to_num(v[j].item(), nan=np.inf, posinf=np.inf), j))
+    assert order == want
 
 
 def test_selectivity_guards_division():

@@ -3,62 +3,103 @@
 Ranking key: a channel's spatial mean activation on an image (what feature visualisation
 optimises). Ties are broken by the lower image index, so the result does not depend on how the
 images were batched or sharded. The running top-k stays on the device: each batch is merged by
-sorting the concatenation of the kept and the new candidates (two stable sorts: index, then value).
+one ``topk`` over the concatenation of the kept and the new candidates, on keys that encode
+both the value and the index (:func:`rank_key`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from probe.activations.stats import BatchSummary
 
 COLUMNS = ("value", "max_value", "argmax", "index")
 
 
+def rank_key(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order float32 ``value`` descending, then ``index`` ascending; NaN ranks as +inf.
+
+    The float's bits, with the magnitude bits of negatives flipped, order like the float (-0.0 is
+    made +0.0); the low 32 bits hold ``2^32 - 1 - index``. Every key is unique, so ``topk`` on
+    them is deterministic and no stable sort is needed.
+    """
+    inf = float("inf")
+    bits = (value.nan_to_num(nan=inf, posinf=inf, neginf=-inf) + 0.0).view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits << 32) | (0xFFFFFFFF - index)
+
+
+@dataclass
+class BatchSummary:
+    """Per image and channel, for the exemplars: spatial mean, spatial max and its flat index, ``(N, C)``."""
+
+    mean: torch.Tensor
+    max: torch.Tensor
+    argmax: torch.Tensor
+
+
+EMPTY = torch.iinfo(torch.int64).min  # the key of an empty slot: below every real key
+
+
 class TopK:
-    """The ``k`` images with the highest spatial mean activation, per channel (kept as ``(C, k)``)."""
+    """The ``k`` images with the highest spatial mean activation, per channel.
+
+    Kept as ``(k, C)`` columns plus their :func:`rank_key`, rank 0 first, slots not yet filled at
+    the bottom with key :data:`EMPTY`; a batch's ``(N, C)`` summary joins them without a transpose.
+    :meth:`state` gives the filled ``(C, <=k)`` part.
+    """
 
     def __init__(self, name: str, k: int):
         self.name, self.k = name, k
-        self.kept: dict[str, torch.Tensor] | None = None  # each (C, <=k); index int64
+        self.kept: dict[str, torch.Tensor] | None = None  # "key" and COLUMNS, each (k, C)
+        self.ranked = 0  # candidates ranked so far (a merged TopK brings at most k)
+
+    def _init(self, C: int, device) -> None:
+        self.kept = {"key": torch.full((self.k, C), EMPTY, device=device),
+                     "value": torch.full((self.k, C), float("nan"), device=device),
+                     "max_value": torch.full((self.k, C), float("nan"), device=device),
+                     "argmax": torch.zeros((self.k, C), dtype=torch.int64, device=device),
+                     "index": torch.full((self.k, C), -1, dtype=torch.int64, device=device)}
 
     def update(self, summary: BatchSummary, start: int) -> None:
-        """Add a batch whose first image has index ``start`` in the analysed split (after every kept one)."""
+        """Add a batch whose first image has index ``start`` in the analysed split."""
         N, C = summary.mean.shape
-        index = torch.arange(start, start + N, device=summary.mean.device).expand(C, N)
-        new = {"value": summary.mean.T, "max_value": summary.max.T, "argmax": summary.argmax.T, "index": index}
-        # new indices all follow the kept ones, so one stable sort keeps ties in index order
-        self._merge(new, by_index=False)
+        index = torch.arange(start, start + N, device=summary.mean.device)[:, None].expand(N, C)
+        self._merge({"value": summary.mean, "max_value": summary.max, "argmax": summary.argmax, "index": index})
 
     def merge(self, other: "TopK") -> "TopK":
-        """Merge the exemplars of other images (any indices)."""
-        if other.kept is not None:
-            device = self.kept["value"].device if self.kept else other.kept["value"].device
-            self._merge({c: v.to(device) for c, v in other.kept.items()}, by_index=True)
+        """Merge the exemplars of other images."""
+        if other.ranked:
+            device = self.kept["key"].device if self.kept else other.kept["key"].device
+            self._merge({c: other.kept[c][: other.filled].to(device) for c in COLUMNS})
         return self
 
-    def _merge(self, new: dict[str, torch.Tensor], by_index: bool) -> None:
-        both = new if self.kept is None else {c: torch.cat([self.kept[c], new[c]], dim=1) for c in COLUMNS}
-        value = both["value"].contiguous()
-        if by_index:
-            first = torch.sort(both["index"], dim=1, stable=True).indices
-            value = value.gather(1, first)
-            order = first.gather(1, torch.sort(value, dim=1, descending=True, stable=True).indices[:, : self.k])
-        else:
-            order = torch.sort(value, dim=1, descending=True, stable=True).indices[:, : self.k]
-        self.kept = {c: both[c].gather(1, order) for c in COLUMNS}
+    def _merge(self, new: dict[str, torch.Tensor]) -> None:
+        if self.kept is None:
+            self._init(new["value"].shape[1], new["value"].device)
+        new["key"] = rank_key(new["value"], new["index"])
+        both = {c: torch.cat([v, new[c]]) for c, v in self.kept.items()}
+        order = torch.topk(both["key"], self.k, dim=0).indices
+        self.kept = {c: v.gather(0, order) for c, v in both.items()}
+        self.ranked += len(new["key"])
+
+    @property
+    def filled(self) -> int:
+        return min(self.k, self.ranked)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {c: v.cpu().numpy() for c, v in (self.kept or {}).items()}
+        """``(C, <=k)`` arrays of COLUMNS, rank 0 first."""
+        return {c: self.kept[c][: self.filled].T.cpu().numpy() for c in COLUMNS} if self.ranked else {}
 
     @classmethod
     def from_state(cls, name: str, k: int, state: dict[str, np.ndarray], device="cpu") -> "TopK":
         self = cls(name, k)
         if state:
-            self.kept = {c: torch.as_tensor(state[c], device=device) for c in COLUMNS}
+            self._merge({c: torch.as_tensor(state[c], device=device).T.contiguous() for c in COLUMNS})
         return self
 
     def to_frame(self, width: int, labels: np.ndarray) -> pd.DataFrame:

@@ -32,8 +32,7 @@ def collect(model: nn.Module, batches: Iterable, layers: list[str], device: torc
     batch = {"y": None, "start": start}
 
     def record(name: str, out: torch.Tensor) -> None:
-        summary = stats[name].update(as_maps(name, out), batch["y"])
-        tops[name].update(summary, batch["start"])
+        stats[name].update(as_maps(name, out), batch["y"], tops[name], batch["start"])
 
     model = fast_model(model, device)
     with Capture(model, layers, fn=record), autocast(device, amp):

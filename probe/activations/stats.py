@@ -2,18 +2,20 @@
 
 One :class:`LayerStats` per layer. ``update(x, y)`` takes a batch ``(N, C, H, W)`` (linear layers:
 ``(N, F)``, i.e. ``F`` channels with one position) and does the work on ``x``'s device, with no
-host sync: per image and channel one pass each for the spatial sum, the sum of squares, the min
-and the max (with its location), and one integer shift + one ``bincount`` for a fine histogram
-on the fixed :class:`~probe.activations.grid.LogGrid`. Memory is fixed by the layer's shape, never
-by the number of images.
+host sync: per image and channel the spatial sum, the sum of squares, the active count, the min
+and the max (with its location), and a fine histogram on the fixed
+:class:`~probe.activations.grid.LogGrid`. On a CPU one compiled loop per row does most of it
+(:mod:`probe.activations.kernel`); elsewhere one torch op per statistic, with an integer shift
+and a ``bincount`` for the histogram. Memory is fixed by the layer's shape, never by the number
+of images.
 
 Definitions (over every position of every image; ``count = images * H * W``):
 
 - ``mean``, ``std``: population mean and standard deviation (ddof=0), from float64 sums of the
-  float32 per-image sums and sums of squares about a per-channel shift (the first batch's channel
+  per-image sums and sums of squares about a per-channel shift (the first batch's channel
   mean), so that a channel with a large mean and a small spread keeps its digits.
-- ``min``, ``max``: exact. ``frac_active``: fraction of positions with x > 0 (exact, from the
-  histogram's positive bins). ``dead``: never > 0 on the whole population (``max <= 0``).
+- ``min``, ``max``: exact. ``frac_active``: fraction of positions with x > 0 (exact, counted
+  at every position, whatever ``hist_stride``). ``dead``: never > 0 on the whole population (``max <= 0``).
 - ``q01``, ``q50``, ``q99``: from the fine histogram; each lies in the grid bin of the order
   statistic at rank ``floor(q (n - 1))`` (numpy's interpolated quantile lies between that and the
   next order statistic), so the error is at most one bin (plus that gap): relative
@@ -32,25 +34,18 @@ Merging: counts, min, max and histograms merge exactly; sums in float64 to round
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from probe.activations.exemplars import BatchSummary, TopK
 from probe.activations.grid import LogGrid
+from probe.activations.kernel import reduce_batch, unsigned_table
 
 QUANTILES = (0.01, 0.5, 0.99)
-
-
-@dataclass
-class BatchSummary:
-    """Per image and channel, for the exemplars: spatial mean, spatial max and its flat index, ``(N, C)``."""
-
-    mean: torch.Tensor
-    max: torch.Tensor
-    argmax: torch.Tensor
+FUSED_CPU = True  # CPU batches go through the one-pass numba kernel (tests also run the torch ops on CPU)
 
 
 def as_maps(name: str, out: torch.Tensor) -> torch.Tensor:
@@ -86,20 +81,23 @@ class LayerStats:
         self.shift = torch.zeros(C, dtype=torch.float32, device=device)
         self.min = torch.full((C,), float("inf"), dtype=torch.float32, device=device)
         self.max = torch.full((C,), float("-inf"), dtype=torch.float32, device=device)
-        self.hist = torch.zeros(self.grid.bins, C, **i64)  # (bins, C): row-wise adds are the fast ones
-        self.active = torch.zeros(C, **i64)  # used only with hist_stride > 1
+        self.hist = torch.zeros(C, self.grid.bins, **i64)
+        self.active = torch.zeros(C, **i64)
         self.class_sum = torch.zeros(self.num_classes, C, **f64)
         self.class_images = torch.zeros(self.num_classes, **i64)
         self._lut = self.grid.table(device)
+        self._table = unsigned_table(self.grid.lut, self.grid.half)  # for the CPU kernel
         g = self.grid
-        # offsets for the two histogram paths (see _histogram)
-        self._raw_offsets = (torch.arange(C, device=device, dtype=torch.int32) + g.half * C).view(1, C, 1)
-        self._channel = torch.arange(C, device=device).view(1, C, 1)
+        # offsets for the two histogram paths of the torch reduction (see _histogram)
+        channel = torch.arange(C, device=device).view(1, C, 1)
+        self._raw_offsets = (channel * g.raw_bins + g.half).to(torch.int32)
+        self._bin_offsets = channel * g.bins
         self._one = torch.ones(1, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> BatchSummary:
-        """Add a batch: ``x`` float32 ``(N, C, H, W)``, ``y`` ``(N,)`` int64 labels on ``x``'s device."""
+    def update(self, x: torch.Tensor, y: torch.Tensor, top: TopK, start: int) -> None:
+        """Add a batch to the statistics and to ``top``: ``x`` float32 ``(N, C, H, W)``, ``y`` ``(N,)``
+        int64 labels on ``x``'s device, ``start`` the index of its first image."""
         N, C, H, W = x.shape
         if self.channels is None:
             self._init(C, H, W, x.device)
@@ -107,44 +105,54 @@ class LayerStats:
         elif (C, (H, W)) != (self.channels, self.shape):
             raise ValueError(f"{self.name}: batch of shape {tuple(x.shape)} after maps of {self.channels}x{self.shape}")
         xf = x.reshape(N, C, H * W)
-        if not xf.is_contiguous():
-            xf = xf.contiguous()
-        s = xf.sum(2)  # (N, C)
-        sq = torch.linalg.vector_norm(xf - self.shift.view(1, C, 1), dim=2).square_()
-        mn = xf.amin(2)
-        mx, am = xf.max(2)
-        self.sum += s.sum(0, dtype=torch.float64)
-        self.sumsq += sq.sum(0, dtype=torch.float64)
-        torch.minimum(self.min, mn.amin(0), out=self.min)
-        torch.maximum(self.max, mx.amax(0), out=self.max)
-        if x.is_cuda:  # a matmul: deterministic on CUDA, unlike index_add_ of floats
-            self.class_sum += torch.nn.functional.one_hot(y, self.num_classes).to(torch.float64).T @ s.to(torch.float64)
-        else:  # float32 per batch (float64 index_add_ stalls on a busy CPU), float64 across batches
-            self.class_sum += torch.zeros(self.num_classes, C, device=x.device).index_add_(0, y, s)
+        if x.device.type == "cpu" and FUSED_CPU:
+            if top.kept is None:
+                top._init(C, x.device)
+            reduce_batch(xf, y, start, self.shift, self._table, self.grid.shift, self.hist_stride,
+                         {f: getattr(self, f) for f in self.FIELDS}, top.kept)
+            top.ranked += N
+            self.hist_count += N * len(range(0, H * W, self.hist_stride))
+        else:
+            top.update(self._reduce_torch(xf, y), start)
         self.class_images += torch.bincount(y, minlength=self.num_classes)
-        self._histogram(xf)
         self.count += N * H * W
         self.images += N
-        return BatchSummary(s / (H * W), mx, am)
+
+    def _reduce_torch(self, xf: torch.Tensor, y: torch.Tensor) -> BatchSummary:
+        """What :func:`~probe.activations.kernel.reduce_batch` does, with torch ops on ``xf``'s device."""
+        C, P = xf.shape[1:]
+        if not xf.is_contiguous():
+            xf = xf.contiguous()
+        s = xf.sum(2, dtype=torch.float64)  # (N, C)
+        self.sum += s.sum(0)
+        self.sumsq += torch.linalg.vector_norm(xf - self.shift.view(1, C, 1), dim=2).square_().sum(0, dtype=torch.float64)
+        # finite sums by a matmul, not index_add_ (float atomics: not deterministic on CUDA); the
+        # non-finite ones by index_add_ (NaN / inf sums come out the same in any order), so that
+        # they reach their own class only
+        finite = s.isfinite()
+        self.class_sum += torch.nn.functional.one_hot(y, self.num_classes).to(torch.float64).T @ s.where(finite, 0.0)
+        self.class_sum.index_add_(0, y, s.where(~finite, 0.0))
+        torch.minimum(self.min, xf.amin((0, 2)), out=self.min)
+        mx, am = xf.max(2)
+        torch.maximum(self.max, mx.amax(0), out=self.max)
+        self._histogram(xf)
+        return BatchSummary((s / P).float(), mx, am)
 
     def _histogram(self, xf: torch.Tensor) -> None:
         g, (N, C, P) = self.grid, xf.shape
+        self.active += (xf > 0).sum((0, 2))
         if self.hist_stride > 1:
-            self.active += (xf > 0).sum((0, 2))
             xf = xf[:, :, :: self.hist_stride]
         keys = g.keys(xf)  # (N, C, P') int32
         if keys.shape[0] * keys.shape[2] >= g.raw_bins:
-            # many values per channel: count (raw key, channel) pairs, laid out (raw key, C) so that
-            # folding raw keys into bins is a row-wise index_add_
-            keys *= C
+            # many values per channel: count (channel, raw key) pairs, then fold raw keys into bins
             keys += self._raw_offsets
-            raw = torch.bincount(keys.reshape(-1), minlength=g.raw_bins * C).view(g.raw_bins, C)
-            self.hist.index_add_(0, self._lut, raw)
-        else:  # few values per channel: map them through the table and add them in place (no raw x C zeroing)
+            raw = torch.bincount(keys.reshape(-1), minlength=C * g.raw_bins).view(C, g.raw_bins)
+            self.hist.index_add_(1, self._lut, raw)
+        else:  # few values per channel: map them through the table and add them in place (no C x raw zeroing)
             keys += g.half
             idx = self._lut[keys]
-            idx *= C
-            idx += self._channel
+            idx += self._bin_offsets
             idx = idx.reshape(-1)
             self.hist.view(-1).index_put_((idx,), self._one.expand(len(idx)), accumulate=True)
         self.hist_count += N * keys.shape[2]
@@ -193,9 +201,7 @@ class LayerStats:
 
     # -- results --------------------------------------------------------------------------------
     def frac_active(self) -> np.ndarray:
-        if self.hist_stride > 1:
-            return self.active.cpu().numpy() / max(self.count, 1)
-        return self.hist[self.grid.first_active :].sum(0).cpu().numpy() / max(self.count, 1)
+        return self.active.cpu().numpy() / max(self.count, 1)
 
     def class_means(self) -> np.ndarray:
         """``(num_classes, C)`` mean activation per class (NaN for classes without images)."""
@@ -209,7 +215,7 @@ class LayerStats:
         mean = self.sum.cpu().numpy() / n
         var = np.maximum(self.sumsq.cpu().numpy() / n - (mean - self.shift.cpu().numpy().astype(np.float64)) ** 2, 0.0)
         mn, mx = self.min.cpu().numpy().astype(np.float64), self.max.cpu().numpy().astype(np.float64)
-        q = hist_quantiles(self.hist.T.cpu().numpy(), self.grid, QUANTILES, mn, mx)
+        q = hist_quantiles(self.hist.cpu().numpy(), self.grid, QUANTILES, mn, mx)
         frame = pd.DataFrame({
             "layer": self.name, "channel": np.arange(self.channels), "count": np.int64(self.count),
             "mean": mean, "std": np.sqrt(var), "min": mn, "max": mx,
@@ -226,7 +232,7 @@ class LayerStats:
 
     def hist_frame(self, per_channel: bool = False) -> pd.DataFrame:
         """Non-empty bins of the layer's histogram (``channel`` -1), and of every channel if asked."""
-        h = self.hist.T.cpu().numpy()
+        h = self.hist.cpu().numpy()
         parts = [(-1, h.sum(0))] + ([(c, h[c]) for c in range(len(h))] if per_channel else [])
         rows = []
         for c, counts in parts:

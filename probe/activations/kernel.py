@@ -1,0 +1,167 @@
+"""The CPU statistics kernel: everything :class:`~probe.activations.stats.LayerStats` accumulates from a
+batch, in one compiled call per layer.
+
+On a CPU the statistics pass is bound by memory traffic and by per-call overhead, not arithmetic:
+a plain forward pass writes each activation once, and reducing it with one torch op per statistic
+(sum, squares, min, max + argmax, histogram key, bincount, class sums) reads it again six to nine
+times and pays a dispatch per op, which dominates on layers with many channels and small maps.
+Here one numba-compiled function reads each (image, channel) row twice: once for the float64 sum,
+sum of squares and active count (vectorised), once for the max, its first position, the min and
+the histogram (interleaved int32 sub-histograms, so that runs of equal values do not wait on each
+other's increments). Channels are split across threads; each channel is reduced by one thread in
+a fixed order, so results do not depend on the number of threads. On CUDA,
+:mod:`probe.activations.stats` uses torch ops on the device instead; tests hold both to the same
+brute-force results.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+# no "nnan": NaN must still compare unequal; "reassoc" lets the sums vectorise (the order is fixed
+# by the compiled code, so results stay deterministic)
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+SUB = 4  # (unrolled in _count) interleaved sub-histograms per channel, used when a batch has many values per channel
+
+
+@njit(fastmath=_FAST, boundscheck=False, cache=True)
+def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, maxs, top):  # pragma: no cover - compiled
+    """Channel ``c``, per image and in total: float64 sum, sum of squares about ``a``, active count,
+    max (with its first position) and min. One vectorised pass per row: min and max are taken on
+    the float bits made order-preserving integers; a row with a NaN takes a scalar pass instead so
+    that NaN propagates as in torch."""
+    N, _, P = x.shape
+    s_c, sq_c, act_c, mx_c, mn_c = 0.0, 0.0, 0, maxs[c], mins[c]
+    scratch = np.empty(1, np.int32)  # to read int32 bits back as a float32
+    scratch_f = scratch.view(np.float32)
+    for n in range(N):
+        s, sq, act, nan = 0.0, 0.0, 0, 0
+        hi, lo = np.int32(-(2**31)), np.int32(2**31 - 1)
+        for p in range(P):
+            v = np.float64(x[n, c, p])
+            s += v
+            d = v - a
+            sq += d * d
+            act += x[n, c, p] > 0
+            nan += x[n, c, p] != x[n, c, p]
+            b = bits[n, c, p]
+            o = b ^ ((b >> 31) & 0x7FFFFFFF)
+            hi = max(hi, o)
+            lo = min(lo, o)
+        if nan == 0:
+            hi_bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+            lo_bits = lo ^ ((lo >> 31) & 0x7FFFFFFF)
+            am = 0
+            for p in range(P):
+                if bits[n, c, p] == hi_bits:
+                    am = p
+                    break
+            mx = x[n, c, am]
+            scratch[0] = lo_bits
+            mn = scratch_f[0]
+        else:
+            mx, am, mn = x[n, c, 0], 0, x[n, c, 0]
+            for p in range(P):
+                v32 = x[n, c, p]
+                if v32 > mx or (v32 != v32 and mx == mx):
+                    mx, am = v32, p
+                if v32 < mn or v32 != v32:
+                    mn = v32
+        class_sum[y[n], c] += s
+        _rank(top, c, np.float32(s / P), mx, am, start + n, scratch)
+        s_c += s
+        sq_c += sq
+        act_c += act
+        if mx > mx_c or (mx != mx and mx_c == mx_c):
+            mx_c = mx
+        if mn < mn_c or mn != mn:
+            mn_c = mn
+    total[c] += s_c
+    sumsq[c] += sq_c
+    active[c] += act_c
+    maxs[c] = mx_c
+    mins[c] = mn_c
+
+
+@njit(boundscheck=False, cache=True)
+def _rank(top, c, value, mx, am, index, scratch):  # pragma: no cover - compiled
+    """Insert image ``index`` into channel ``c`` of the top-k columns ``top`` (key, value, max_value,
+    argmax, index; each (k, C), sorted by key) if it ranks; the key is :func:`probe.activations.exemplars.rank_key`'s."""
+    key, val, mxv, amx, idx = top
+    v = np.float32(np.inf) if value != value else value + np.float32(0.0)  # NaN as +inf, -0.0 as +0.0
+    scratch.view(np.float32)[0] = v
+    b = scratch[0]
+    kk = (np.int64(b ^ ((b >> 31) & 0x7FFFFFFF)) << 32) | (0xFFFFFFFF - index)
+    j = key.shape[0] - 1
+    if kk <= key[j, c]:
+        return
+    while j > 0 and key[j - 1, c] < kk:
+        key[j, c], val[j, c], mxv[j, c], amx[j, c], idx[j, c] = key[j - 1, c], val[j - 1, c], mxv[j - 1, c], amx[j - 1, c], idx[j - 1, c]
+        j -= 1
+    key[j, c], val[j, c], mxv[j, c], amx[j, c], idx[j, c] = kk, value, mx, am, index
+
+
+@njit(boundscheck=False, cache=True)
+def _count(bits, c, lut, k, stride, h, row, rows):  # pragma: no cover - compiled
+    """Histogram of every ``stride``-th value of channel ``c`` into ``h[row]``, or with ``rows`` = SUB - 1
+    into the sub-histograms ``h[row + p % SUB]`` in turn."""
+    N, _, P = bits.shape
+    for n in range(N):
+        if stride == 1 and rows == SUB - 1:  # unrolled: four independent increments
+            q = P - P % SUB
+            for p in range(0, q, SUB):
+                h[row, np.intp(lut[bits[n, c, p] >> k])] += 1
+                h[row + 1, np.intp(lut[bits[n, c, p + 1] >> k])] += 1
+                h[row + 2, np.intp(lut[bits[n, c, p + 2] >> k])] += 1
+                h[row + 3, np.intp(lut[bits[n, c, p + 3] >> k])] += 1
+            for p in range(q, P):
+                h[row, np.intp(lut[bits[n, c, p] >> k])] += 1
+        else:
+            for p in range(0, P, stride):
+                h[row, np.intp(lut[bits[n, c, p] >> k])] += 1
+
+
+@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+def _reduce(x, y, start, shift, lut, key_shift, stride, hist, total, sumsq, mins, maxs, active, class_sum,
+            top):  # pragma: no cover - compiled
+    N, C, P = x.shape
+    bits = x.view(np.int32)
+    ubits = x.view(np.uint32)
+    k = np.uint32(key_shift)
+    bins = hist.shape[1]
+    many = stride == 1 and N * P >= SUB * bins  # else zeroing and folding sub-histograms costs more
+    for c in prange(C):
+        _moments(x, bits, y, c, np.float64(shift[c]), start, total, sumsq, active, class_sum, mins, maxs, top)
+        if many:
+            sub = np.zeros((SUB, bins), np.int32)
+            _count(ubits, c, lut, k, stride, sub, 0, SUB - 1)
+            for j in range(SUB):
+                for i in range(bins):
+                    hist[c, i] += sub[j, i]
+        else:
+            _count(ubits, c, lut, k, stride, hist, c, 0)
+
+
+def unsigned_table(lut: np.ndarray, half: int) -> np.ndarray:
+    """The grid's lookup table re-indexed by the unsigned key (``uint32 bits >> shift``), as uint16 if it fits."""
+    table = lut[np.arange(len(lut)) ^ half]
+    return table.astype(np.uint16 if table.max() < 1 << 16 else np.int32)
+
+
+def reduce_batch(xf: torch.Tensor, y: torch.Tensor, start: int, shift: torch.Tensor, table: np.ndarray,
+                 key_shift: int, stride: int, state: dict[str, torch.Tensor], top: dict[str, torch.Tensor]) -> None:
+    """Add the batch ``xf`` float32 ``(N, C, P)`` with labels ``y``, first image ``start``, in place.
+
+    ``state``: the :class:`~probe.activations.stats.LayerStats` tensors ``hist`` (C, bins) int64,
+    ``sum``, ``sumsq`` (C,) float64, ``min``, ``max`` (C,) float32, ``active`` (C,) int64 and
+    ``class_sum`` (K, C) float64; ``top``: the :class:`~probe.activations.exemplars.TopK` columns
+    (k, C); all on the CPU. ``table``: :func:`unsigned_table` of the grid. NaN propagates to the
+    sums, min and max as in torch, is counted in an overflow bin of the histogram and ranks as +inf.
+    """
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    s = [state[f].numpy() for f in ("hist", "sum", "sumsq", "min", "max", "active", "class_sum")]
+    columns = tuple(top[c].numpy() for c in ("key", "value", "max_value", "argmax", "index"))
+    _reduce(xf.contiguous().numpy(), y.numpy(), start, shift.numpy(), table, key_shift, stride, *s, columns)
