@@ -1,11 +1,12 @@
 """Benchmark: the full statistics pass (probe.activations.collect) against a plain inference pass.
 
-In one run, per model: seconds for a plain ``model(x)`` pass over the same batches (no hooks),
-seconds for the statistics pass (every default layer: sums, squares, min, max, histogram,
-class sums, top-k exemplars), and the median over 7 interleaved rounds of their ratio in the same round; and peak RSS of a fresh subprocess that streams
-N and 10 N images through the statistics pass (memory must not grow with N).
-``stride4``: the same pass with ``hist_stride=4`` (histograms and quantiles from every 4th
-position; frac_active then counted exactly by an extra pass). Targets (issue 3): ratio <= 1.3 on CPU; peak memory at 10 N within 5% of that at N.
+In one run, per model: seconds for a plain ``model(x)`` pass over the same batches (no hooks) and
+for the statistics pass (every default layer: sums, squares, min, max, histogram, class sums,
+top-k exemplars), in 9 interleaved rounds; the ratio is the median over rounds of stats / plain
+in the same round (the machine's speed drifts between rounds, not within one). ``stride4``: the
+statistics pass with ``hist_stride=4`` (histograms and quantiles from every 4th position). Then
+the peak RSS of a fresh subprocess that streams N and 10 N images through the statistics pass.
+Targets (issue 3): ratio <= 1.3 on CPU; peak memory at 10 N within 5% of that at N.
 
     python benchmarks/bench_activations.py [--quick] [--threads T]
 """
@@ -22,8 +23,8 @@ import time
 import torch
 
 CASES = {  # name: (model, channels, size, batch, images for timing, images for memory (N))
-    "resnet_small": ("resnet_small", 1, 32, 64, 640, 640),
-    "resnet18@64": ("resnet18", 3, 64, 64, 320, 128),
+    "resnet_small": ("resnet_small", 1, 32, 64, 1280, 640),
+    "resnet18@64": ("resnet18", 3, 64, 64, 640, 128),
 }
 
 
@@ -63,7 +64,7 @@ def time_case(name: str, quick: bool) -> dict:
     plain_pass(model, data[:1])
     stats_pass(model, data[:1], layers)
     plain, full, strided = [], [], []
-    for _ in range(2 if quick else int(os.environ.get("ROUNDS", 7))):  # interleaved rounds: the machine's speed drifts between rounds
+    for _ in range(2 if quick else 9):  # interleaved rounds: the machine's speed drifts between rounds
         t = time.perf_counter(); plain_pass(model, data); plain.append(time.perf_counter() - t)
         t = time.perf_counter(); stats_pass(model, data, layers); full.append(time.perf_counter() - t)
         t = time.perf_counter(); stats_pass(model, data, layers, 4); strided.append(time.perf_counter() - t)

@@ -23,55 +23,61 @@ from numba import njit, prange
 
 # no "nnan": NaN must still compare unequal; "reassoc" lets the sums vectorise (the order is fixed
 # by the compiled code, so results stay deterministic)
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_FAST = {"reassoc", "contract", "nsz"}
 SUB = 4  # (unrolled in _count) interleaved sub-histograms per channel, used when a batch has many values per channel
 
 
-@njit(fastmath=_FAST, boundscheck=False, cache=True)
-def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, maxs, top):  # pragma: no cover - compiled
+@njit(fastmath=_FAST, boundscheck=False, inline="always")
+def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, maxs, key, val, mxv, amx, idx):  # pragma: no cover - compiled
     """Channel ``c``, per image and in total: float64 sum, sum of squares about ``a``, active count,
     max (with its first position) and min. One vectorised pass per row: min and max are taken on
-    the float bits made order-preserving integers; a row with a NaN takes a scalar pass instead so
-    that NaN propagates as in torch."""
+    the float bits made order-preserving integers, then a scan stops at the max."""
     N, _, P = x.shape
     s_c, sq_c, act_c, mx_c, mn_c = 0.0, 0.0, 0, maxs[c], mins[c]
     scratch = np.empty(1, np.int32)  # to read int32 bits back as a float32
     scratch_f = scratch.view(np.float32)
     for n in range(N):
-        s, sq, act, nan = 0.0, 0.0, 0, 0
-        hi, lo = np.int32(-(2**31)), np.int32(2**31 - 1)
-        for p in range(P):
-            v = np.float64(x[n, c, p])
-            s += v
-            d = v - a
-            sq += d * d
-            act += x[n, c, p] > 0
-            nan += x[n, c, p] != x[n, c, p]
-            b = bits[n, c, p]
-            o = b ^ ((b >> 31) & 0x7FFFFFFF)
-            hi = max(hi, o)
-            lo = min(lo, o)
-        if nan == 0:
-            hi_bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
-            lo_bits = lo ^ ((lo >> 31) & 0x7FFFFFFF)
-            am = 0
+        nan = 1
+        if P >= 16:  # vectorised (shorter rows: the scalar loop costs less than the vector set-up)
+            s, sq, act, nan = 0.0, 0.0, 0, 0
+            hi, lo = np.int32(-(2**31)), np.int32(2**31 - 1)
             for p in range(P):
-                if bits[n, c, p] == hi_bits:
-                    am = p
-                    break
-            mx = x[n, c, am]
-            scratch[0] = lo_bits
-            mn = scratch_f[0]
-        else:
+                v = np.float64(x[n, c, p])
+                s += v
+                d = v - a
+                sq += d * d
+                act += x[n, c, p] > 0
+                nan += x[n, c, p] != x[n, c, p]
+                b = bits[n, c, p]
+                o = b ^ ((b >> 31) & 0x7FFFFFFF)
+                hi = max(hi, o)
+                lo = min(lo, o)
+            if nan == 0:
+                hi_bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+                am = 0
+                for p in range(P):
+                    if bits[n, c, p] == hi_bits:
+                        am = p
+                        break
+                mx = x[n, c, am]
+                scratch[0] = lo ^ ((lo >> 31) & 0x7FFFFFFF)
+                mn = scratch_f[0]
+        if nan:  # a short row, or one with a NaN: one scalar pass, NaN propagating as in torch
+            s, sq, act = 0.0, 0.0, 0
             mx, am, mn = x[n, c, 0], 0, x[n, c, 0]
             for p in range(P):
                 v32 = x[n, c, p]
+                v = np.float64(v32)
+                s += v
+                d = v - a
+                sq += d * d
+                act += v32 > 0
                 if v32 > mx or (v32 != v32 and mx == mx):
                     mx, am = v32, p
                 if v32 < mn or v32 != v32:
                     mn = v32
         class_sum[y[n], c] += s
-        _rank(top, c, np.float32(s / P), mx, am, start + n, scratch)
+        _rank(key, val, mxv, amx, idx, c, np.float32(s / P), mx, am, start + n, scratch, scratch_f)
         s_c += s
         sq_c += sq
         act_c += act
@@ -86,14 +92,15 @@ def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, max
     mins[c] = mn_c
 
 
-@njit(boundscheck=False, cache=True)
-def _rank(top, c, value, mx, am, index, scratch):  # pragma: no cover - compiled
-    """Insert image ``index`` into channel ``c`` of the top-k columns ``top`` (key, value, max_value,
-    argmax, index; each (k, C), sorted by key) if it ranks; the key is :func:`probe.activations.exemplars.rank_key`'s."""
-    key, val, mxv, amx, idx = top
-    v = np.float32(np.inf) if value != value else value + np.float32(0.0)  # NaN as +inf, -0.0 as +0.0
-    scratch.view(np.float32)[0] = v
-    b = scratch[0]
+@njit(boundscheck=False, inline="always")
+def _rank(key, val, mxv, amx, idx, c, value, mx, am, index, bits, floats):  # pragma: no cover - compiled
+    """Insert image ``index`` into channel ``c`` of the top-k columns (each (k, C), sorted by key) if it
+    ranks; the key is :func:`probe.activations.exemplars.rank_key`'s (``bits``/``floats``: one scratch
+    word seen as int32 and as float32). Inlined: a call would pass (and count references to) seven arrays per row."""
+    floats[0] = np.float32(np.inf) if value != value else value  # NaN ranks as +inf
+    b = bits[0]
+    if b == np.int32(-(2**31)):  # -0.0 as +0.0 (on the bits: fastmath may drop a "+ 0.0")
+        b = np.int32(0)
     kk = (np.int64(b ^ ((b >> 31) & 0x7FFFFFFF)) << 32) | (0xFFFFFFFF - index)
     j = key.shape[0] - 1
     if kk <= key[j, c]:
@@ -104,7 +111,7 @@ def _rank(top, c, value, mx, am, index, scratch):  # pragma: no cover - compiled
     key[j, c], val[j, c], mxv[j, c], amx[j, c], idx[j, c] = kk, value, mx, am, index
 
 
-@njit(boundscheck=False, cache=True)
+@njit(boundscheck=False, inline="always")
 def _count(bits, c, lut, k, stride, h, row, rows):  # pragma: no cover - compiled
     """Histogram of every ``stride``-th value of channel ``c`` into ``h[row]``, or with ``rows`` = SUB - 1
     into the sub-histograms ``h[row + p % SUB]`` in turn."""
@@ -124,17 +131,19 @@ def _count(bits, c, lut, k, stride, h, row, rows):  # pragma: no cover - compile
                 h[row, np.intp(lut[bits[n, c, p] >> k])] += 1
 
 
-@njit(parallel=True, nogil=True, boundscheck=False, cache=True)
+@njit(parallel=True, nogil=True, fastmath=_FAST, boundscheck=False, cache=True)
 def _reduce(x, y, start, shift, lut, key_shift, stride, hist, total, sumsq, mins, maxs, active, class_sum,
-            top):  # pragma: no cover - compiled
+            class_images, key, val, mxv, amx, idx):  # pragma: no cover - compiled
     N, C, P = x.shape
+    for n in range(N):
+        class_images[y[n]] += 1
     bits = x.view(np.int32)
     ubits = x.view(np.uint32)
     k = np.uint32(key_shift)
     bins = hist.shape[1]
     many = stride == 1 and N * P >= SUB * bins  # else zeroing and folding sub-histograms costs more
     for c in prange(C):
-        _moments(x, bits, y, c, np.float64(shift[c]), start, total, sumsq, active, class_sum, mins, maxs, top)
+        _moments(x, bits, y, c, np.float64(shift[c]), start, total, sumsq, active, class_sum, mins, maxs, key, val, mxv, amx, idx)
         if many:
             sub = np.zeros((SUB, bins), np.int32)
             _count(ubits, c, lut, k, stride, sub, 0, SUB - 1)
@@ -151,17 +160,23 @@ def unsigned_table(lut: np.ndarray, half: int) -> np.ndarray:
     return table.astype(np.uint16 if table.max() < 1 << 16 else np.int32)
 
 
-def reduce_batch(xf: torch.Tensor, y: torch.Tensor, start: int, shift: torch.Tensor, table: np.ndarray,
-                 key_shift: int, stride: int, state: dict[str, torch.Tensor], top: dict[str, torch.Tensor]) -> None:
-    """Add the batch ``xf`` float32 ``(N, C, P)`` with labels ``y``, first image ``start``, in place.
+STATS = ("shift", "hist", "sum", "sumsq", "min", "max", "active", "class_sum", "class_images")
+TOP = ("key", "value", "max_value", "argmax", "index")
 
-    ``state``: the :class:`~probe.activations.stats.LayerStats` tensors ``hist`` (C, bins) int64,
-    ``sum``, ``sumsq`` (C,) float64, ``min``, ``max`` (C,) float32, ``active`` (C,) int64 and
-    ``class_sum`` (K, C) float64; ``top``: the :class:`~probe.activations.exemplars.TopK` columns
-    (k, C); all on the CPU. ``table``: :func:`unsigned_table` of the grid. NaN propagates to the
-    sums, min and max as in torch, is counted in an overflow bin of the histogram and ranks as +inf.
-    """
+
+def kernel_arrays(stats, top) -> tuple:
+    """The arrays :func:`reduce_batch` updates in place: numpy views of the CPU tensors of a
+    :class:`~probe.activations.stats.LayerStats` and of the columns of its
+    :class:`~probe.activations.exemplars.TopK`, with the grid's table; taken once, at the first batch."""
+    g = stats.grid
+    views = {f: getattr(stats, f).numpy() for f in STATS}
+    return (views["shift"], unsigned_table(g.lut, g.half), g.shift, stats.hist_stride,
+            *(views[f] for f in STATS[1:]), *(top.kept[c].numpy() for c in TOP))
+
+
+def reduce_batch(xf: torch.Tensor, y: torch.Tensor, start: int, arrays: tuple) -> None:
+    """Add the batch ``xf`` float32 ``(N, C, P)`` with labels ``y``, first image ``start``, to
+    :func:`kernel_arrays` in place. NaN propagates to the sums, min and max as in torch, is counted
+    in an overflow bin of the histogram and ranks as +inf."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    s = [state[f].numpy() for f in ("hist", "sum", "sumsq", "min", "max", "active", "class_sum")]
-    columns = tuple(top[c].numpy() for c in ("key", "value", "max_value", "argmax", "index"))
-    _reduce(xf.contiguous().numpy(), y.numpy(), start, shift.numpy(), table, key_shift, stride, *s, columns)
+    _reduce(xf.contiguous().numpy(), y.numpy(), start, *arrays)

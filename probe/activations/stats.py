@@ -42,7 +42,7 @@ import torch
 
 from probe.activations.exemplars import BatchSummary, TopK
 from probe.activations.grid import LogGrid
-from probe.activations.kernel import reduce_batch, unsigned_table
+from probe.activations.kernel import kernel_arrays, reduce_batch
 
 QUANTILES = (0.01, 0.5, 0.99)
 FUSED_CPU = True  # CPU batches go through the one-pass numba kernel (tests also run the torch ops on CPU)
@@ -71,6 +71,7 @@ class LayerStats:
         self.count = 0  # positions per channel
         self.hist_count = 0  # positions per channel in the histogram
         self.images = 0
+        self._arrays: tuple | None = None  # the CPU kernel's views of this layer's state and its TopK
 
     def _init(self, C: int, H: int, W: int, device: torch.device) -> None:
         self.channels, self.shape, self.device = C, (H, W), device
@@ -86,7 +87,6 @@ class LayerStats:
         self.class_sum = torch.zeros(self.num_classes, C, **f64)
         self.class_images = torch.zeros(self.num_classes, **i64)
         self._lut = self.grid.table(device)
-        self._table = unsigned_table(self.grid.lut, self.grid.half)  # for the CPU kernel
         g = self.grid
         # offsets for the two histogram paths of the torch reduction (see _histogram)
         channel = torch.arange(C, device=device).view(1, C, 1)
@@ -106,15 +106,16 @@ class LayerStats:
             raise ValueError(f"{self.name}: batch of shape {tuple(x.shape)} after maps of {self.channels}x{self.shape}")
         xf = x.reshape(N, C, H * W)
         if x.device.type == "cpu" and FUSED_CPU:
-            if top.kept is None:
-                top._init(C, x.device)
-            reduce_batch(xf, y, start, self.shift, self._table, self.grid.shift, self.hist_stride,
-                         {f: getattr(self, f) for f in self.FIELDS}, top.kept)
+            if self._arrays is None:
+                if top.kept is None:
+                    top._init(C, x.device)
+                self._arrays = kernel_arrays(self, top)
+            reduce_batch(xf, y, start, self._arrays)
             top.ranked += N
             self.hist_count += N * len(range(0, H * W, self.hist_stride))
         else:
             top.update(self._reduce_torch(xf, y), start)
-        self.class_images += torch.bincount(y, minlength=self.num_classes)
+            self.class_images += torch.bincount(y, minlength=self.num_classes)
         self.count += N * H * W
         self.images += N
 
