@@ -292,6 +292,12 @@ def test_kernel_equals_torch_ops_on_nan_inf_ties_and_signed_zeros(monkeypatch, s
     assert ref_top["index"][2, 0] == 9 and np.isnan(ref_top["max_value"][2, 0]) and ref_top["argmax"][2, 0] == 3
 
 
+def test_kernel_refuses_a_label_outside_the_classes():
+    s, top = stats_module.LayerStats("x", LogGrid(), 3), TopK("x", 2)
+    with pytest.raises(ValueError, match="label"):
+        s.update(torch.randn(4, 2, 3, 3), torch.tensor([0, 1, 3, 2]), top, 0)
+
+
 def test_rank_key_orders_by_value_then_index():
     v = torch.tensor([1.0, -2.0, 0.0, -0.0, float("inf"), float("nan"), 1.0, -float("inf"), 3e-39, -3e-39])
     i = torch.arange(len(v))

@@ -135,6 +135,9 @@ def _count(bits, c, lut, k, stride, h, row, rows):  # pragma: no cover - compile
 def _reduce(x, y, start, shift, lut, key_shift, stride, hist, total, sumsq, mins, maxs, active, class_sum,
             class_images, key, val, mxv, amx, idx):  # pragma: no cover - compiled
     N, C, P = x.shape
+    for n in range(N):  # before anything is added
+        if y[n] < 0 or y[n] >= class_images.shape[0]:
+            raise ValueError("activations: a label is outside [0, number of classes)")
     for n in range(N):
         class_images[y[n]] += 1
     bits = x.view(np.int32)

@@ -1,13 +1,13 @@
 """Streaming, mergeable per-channel statistics of a layer's activations.
 
-One :class:`LayerStats` per layer. ``update(x, y)`` takes a batch ``(N, C, H, W)`` (linear layers:
-``(N, F)``, i.e. ``F`` channels with one position) and does the work on ``x``'s device, with no
-host sync: per image and channel the spatial sum, the sum of squares, the active count, the min
-and the max (with its location), and a fine histogram on the fixed
-:class:`~probe.activations.grid.LogGrid`. On a CPU one compiled loop per row does most of it
-(:mod:`probe.activations.kernel`); elsewhere one torch op per statistic, with an integer shift
-and a ``bincount`` for the histogram. Memory is fixed by the layer's shape, never by the number
-of images.
+One :class:`LayerStats` per layer. ``update(x, y, top, start)`` takes a batch ``(N, C, H, W)``
+(linear layers: ``(N, F)``, i.e. ``F`` channels with one position) and its labels, and does the
+work on ``x``'s device with no host sync: per image and channel the spatial sum, the sum of
+squares, the active count, the min and the max (with its location), a fine histogram on the fixed
+:class:`~probe.activations.grid.LogGrid`, and the top-k exemplars in ``top``. On a CPU one compiled
+call per layer and batch does it all (:mod:`probe.activations.kernel`); elsewhere one torch op per
+statistic, with an integer shift and an integer ``index_add_`` for the histogram. Memory is fixed
+by the layer's shape, never by the number of images.
 
 Definitions (over every position of every image; ``count = images * H * W``):
 
@@ -93,6 +93,7 @@ class LayerStats:
         self._raw_offsets = (channel * g.raw_bins + g.half).to(torch.int32)
         self._bin_offsets = channel * g.bins
         self._one = torch.ones(1, dtype=torch.int64, device=device)
+        self._classes = torch.arange(self.num_classes, device=device)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, y: torch.Tensor, top: TopK, start: int) -> None:
@@ -115,7 +116,6 @@ class LayerStats:
             self.hist_count += N * len(range(0, H * W, self.hist_stride))
         else:
             top.update(self._reduce_torch(xf, y), start)
-            self.class_images += torch.bincount(y, minlength=self.num_classes)
         self.count += N * H * W
         self.images += N
 
@@ -130,9 +130,12 @@ class LayerStats:
         # finite sums by a matmul, not index_add_ (float atomics: not deterministic on CUDA); the
         # non-finite ones by index_add_ (NaN / inf sums come out the same in any order), so that
         # they reach their own class only
+        # (F.one_hot and bincount would read the labels' max back to the host: a sync per batch on CUDA)
         finite = s.isfinite()
-        self.class_sum += torch.nn.functional.one_hot(y, self.num_classes).to(torch.float64).T @ s.where(finite, 0.0)
+        onehot = (y[:, None] == self._classes).to(torch.float64)  # (N, K)
+        self.class_sum += onehot.T @ s.where(finite, 0.0)
         self.class_sum.index_add_(0, y, s.where(~finite, 0.0))
+        self.class_images += onehot.sum(0).to(torch.int64)
         torch.minimum(self.min, xf.amin((0, 2)), out=self.min)
         mx, am = xf.max(2)
         torch.maximum(self.max, mx.amax(0), out=self.max)
@@ -148,8 +151,10 @@ class LayerStats:
         if keys.shape[0] * keys.shape[2] >= g.raw_bins:
             # many values per channel: count (channel, raw key) pairs, then fold raw keys into bins
             keys += self._raw_offsets
-            raw = torch.bincount(keys.reshape(-1), minlength=C * g.raw_bins).view(C, g.raw_bins)
-            self.hist.index_add_(1, self._lut, raw)
+            keys = keys.reshape(-1)
+            raw = torch.zeros(C * g.raw_bins, dtype=torch.int64, device=keys.device)
+            raw.index_add_(0, keys, self._one.expand(len(keys)))  # integer adds: same result in any order
+            self.hist.index_add_(1, self._lut, raw.view(C, g.raw_bins))
         else:  # few values per channel: map them through the table and add them in place (no C x raw zeroing)
             keys += g.half
             idx = self._lut[keys]
