@@ -5,7 +5,9 @@
   default layer, fast path on); ratios against both plain passes, measured in the same run.
   Target (issue 7): statistics pass >= 0.8x the images/s of the plain pass at the same batch size.
 - ``saliency``: vanilla gradient and integrated gradients against a bare forward+backward (float32).
-- ``render``: a batched render of N channels of one layer against the same channels one at a time.
+- ``render``: a batched render of N channels of one layer against the same channels one at a time,
+  and against torch-lucent's ``render_vis`` when it is installed (``pip install -e .[bench]``).
+  Target (issue 5): batched >= 20x faster per channel than Lucent.
 Data live on the GPU (the host->device copy is not timed); every timing is bracketed by a synchronise.
 
     python benchmarks/bench_gpu.py [--quick] [--out results.json]
@@ -135,9 +137,22 @@ def render(quick: bool) -> dict:
 
     t_batch = _best(lambda: go(range(n)), 1)
     t_single = _best(lambda: [go([c]) for c in range(n_single)], 1)
-    return {"model": "resnet50 (random weights)", "layer": layer, "size": size, "steps": steps, "channels": n,
-            "batched_s": t_batch, "batched_s_per_channel": t_batch / n, "one_at_a_time_s_per_channel": t_single / n_single,
-            "batched_speedup": (t_single / n_single) / (t_batch / n)}
+    out = {"model": "resnet50 (random weights)", "layer": layer, "size": size, "steps": steps, "channels": n,
+           "batched_s": t_batch, "batched_s_per_channel": t_batch / n, "one_at_a_time_s_per_channel": t_single / n_single,
+           "batched_speedup": (t_single / n_single) / (t_batch / n)}
+    import copy
+
+    from bench_synthesis import lucent_render
+
+    try:
+        import lucent  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (a benchmark-only extra, with stale pins)
+        out["lucent_error"] = str(e)
+        return out
+    # render_vis leaves a hook on every module: a fresh copy per call
+    t_lucent = _best(lambda: [lucent_render(copy.deepcopy(model), c, steps, size, layer) for c in range(n_single)], 1)
+    out.update({"lucent_s_per_channel": t_lucent / n_single, "batched_vs_lucent": (t_lucent / n_single) / (t_batch / n)})
+    return out
 
 
 def run(quick: bool = False) -> dict:

@@ -55,10 +55,11 @@ def probe_render(model, channels: list[int], steps: int, size: int, seed: int = 
     return res.pixels
 
 
-def lucent_render(model, channel: int, steps: int, size: int) -> torch.Tensor:
+def lucent_render(model, channel: int, steps: int, size: int, layer: str = LAYER) -> torch.Tensor:
+    """torch-lucent's ``render_vis`` of ``layer:channel`` (on CUDA when there is one); pixels ``(1, 3, size, size)``."""
     from lucent.optvis import param, render
 
-    out = render.render_vis(model, f"{LAYER}:{channel}", param_f=lambda: param.image(size), show_image=False,
+    out = render.render_vis(model, f"{layer}:{channel}", param_f=lambda: param.image(size), show_image=False,
                             progress=False, fixed_image_size=size, thresholds=(steps,))
     return torch.from_numpy(out[-1]).permute(0, 3, 1, 2).float()
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU subset of probe's benchmarks (< 5 minutes on one H100): ResNet-50 at 224x224 with random weights:
 # images/s of a plain inference pass vs the statistics pass at the same batch size, saliency ratios, and a
-# batched render of one layer. Writes <out dir>/gpu.json and prints what it measured.
+# batched render of one layer (against Lucent when installed). Writes <out dir>/gpu.json and prints what it measured.
 #   benchmarks/gpu.sh <out dir> [--quick]
 set -euo pipefail
 
