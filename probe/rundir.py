@@ -27,6 +27,9 @@ from safetensors.torch import save_file
 from probe.errors import RunDirError
 
 CARD_VERSION = 1
+# what the analysis stages write into a run dir, all computed from its weights
+SHARDS_DIR = "activations_shards"  # partial statistics of `probe activations shard=i/n`
+ANALYSES = ("activations", SHARDS_DIR, "saliency", "synthesis", "geometry")
 CARD_KEYS = ("card_version", "run_name", "model", "data", "params_total", "layers", "metrics", "seed")
 
 
@@ -107,6 +110,14 @@ def clean_stale(final: Path) -> None:
     old = final.parent / f".{final.name}.old"
     if old.is_dir() and not final.exists():
         os.replace(old, final)
+
+
+def remove_analyses(run_dir: Path) -> list[str]:
+    """Remove the analysis folders of ``run_dir`` (before its weights are replaced); return their names."""
+    gone = [name for name in ANALYSES if (Path(run_dir) / name).exists()]
+    for name in gone:
+        shutil.rmtree(Path(run_dir) / name)
+    return gone
 
 
 @contextlib.contextmanager

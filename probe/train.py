@@ -22,7 +22,7 @@ from probe.errors import ConfigError, NumericalError
 from probe.models import build, spec
 from probe.models.summary import layer_table
 from probe.models.weights import load_into, read_state_dict
-from probe.rundir import CARD_VERSION, git_commit, library_versions, save_weights, write_bytes, write_json
+from probe.rundir import CARD_VERSION, git_commit, library_versions, remove_analyses, save_weights, write_bytes, write_json
 from probe.runtime import fast_model, pick_device, pin_memory, seed_everything, to_device_batch
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,12 @@ def train(cfg: TrainStage) -> Path:
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.device)
     model, data, model_card = model_for(cfg)
-    # the card marks a complete run: remove it first, so that an interrupted run looks incomplete
+    # the card marks a complete run: remove it first, so that an interrupted run looks incomplete;
+    # then the analyses of the weights about to be replaced
     (run_dir / "card.json").unlink(missing_ok=True)
+    stale = remove_analyses(run_dir)
+    if stale:
+        log.info("removed %s from %s: they described the weights this training replaces", ", ".join(stale), run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
 

@@ -86,3 +86,22 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tmp_path, monk
 def test_snapshots_are_kept(tmp_path):
     run_dir = train_mod.train(_cfg(tmp_path / "run", snapshot_epochs=[0, 2]))
     assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == ["epoch_0000.safetensors", "epoch_0002.safetensors"]
+
+
+def test_retraining_removes_the_analyses_of_the_old_weights(tmp_path):
+    from conftest import CHEAP
+
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, f"run_dir={run_dir}"]) == 0
+    assert main(["activations", f"run={run_dir}", *CHEAP["activations"]]) == 0
+    assert main(["activations", f"run={run_dir}", "shard=0/2", *CHEAP["activations"]]) == 0
+    (run_dir / "notes.txt").write_text("mine")  # not an analysis: kept
+    old = (run_dir / "model.safetensors").read_bytes()
+    assert main(["train", *TINY, "seed=1", f"run_dir={run_dir}"]) == 0
+    assert (run_dir / "model.safetensors").read_bytes() != old
+    assert not (run_dir / "activations").exists() and not (run_dir / "activations_shards").exists()
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    # a bad config changes nothing
+    assert main(["activations", f"run={run_dir}", *CHEAP["activations"]]) == 0
+    assert main(["train", *TINY, "train.lr=-1", f"run_dir={run_dir}"]) == 2
+    assert (run_dir / "activations" / "stats.parquet").is_file() and (run_dir / "card.json").is_file()

@@ -34,7 +34,7 @@ from probe.activations.stats import LayerStats, PopulationStats
 from probe.analysis import Context, open_run
 from probe.capture import Capture, resolve_layers
 from probe.errors import RunDirError
-from probe.rundir import staged_dir, write_json, write_npz
+from probe.rundir import SHARDS_DIR, staged_dir, write_json, write_npz
 from probe.runtime import pin_memory
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ def write_outputs(cfg: ActivationsStage, ctx: Context, layers: list[str], stats:
 
 
 # -- sharded extraction ------------------------------------------------------------------------
-SHARDS_DIR = "activations_shards"
 
 
 def shard_range(total: int, i: int, n: int) -> tuple[int, int]:
