@@ -3,7 +3,7 @@
 Runs benchmarks/bench_activations.py, bench_saliency.py and bench_synthesis.py (each ``run(quick)``,
 ratios against baselines measured in the same process: a bare forward pass, a bare forward+backward,
 a one-at-a-time render, Lucent when installed), plus, in a clean temporary copy of the repository
-(``git ls-files``, like tests/test_pipeline.py, default params.yaml):
+(tests/repo_copy.py, as tests/test_pipeline.py uses it; default params.yaml):
 
 - ``e2e_repro_s``: a full ``dvc repro`` of the default pipeline (target <= 300 s on a 2-core CPU);
 - ``noop_repro_s``: a second ``dvc repro`` that runs nothing (target <= 10 s).
@@ -22,7 +22,6 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,20 +76,13 @@ def pipeline(quick: bool) -> dict:
     """``dvc repro`` from a clean copy, then a no-op ``dvc repro``."""
     import yaml
 
+    sys.path.insert(0, str(ROOT / "tests"))
+    from repo_copy import copy_repo
+
     with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmp:
-        dst = Path(tmp)
-        files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-        for f in files:
-            if (ROOT / f).is_file():
-                (dst / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ROOT / f, dst / f)
+        tiny = {"tiny": {"model": "tiny_cnn", "epochs": 1}, "tiny_random": {"model": "tiny_cnn", "epochs": 0}}
+        dst = copy_repo(Path(tmp), **({"runs": tiny} if quick else {}))
         params = yaml.safe_load((dst / "params.yaml").read_text())
-        if quick:
-            params["runs"] = {"tiny": {"model": "tiny_cnn", "epochs": 1}, "tiny_random": {"model": "tiny_cnn", "epochs": 0}}
-            (dst / "params.yaml").write_text(yaml.safe_dump(params))
-        for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "copy"]):
-            _sh(cmd, dst)
         e2e, out = _sh(["dvc", "repro"], dst)
         stages = out.count("Running stage")
         noop, again = _sh(["dvc", "repro"], dst)

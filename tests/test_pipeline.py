@@ -2,15 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from repo_copy import copy_repo
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
@@ -23,20 +21,9 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """A git repository holding the tracked files of this one, with two tiny runs in params.yaml."""
-    dst = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    params = yaml.safe_load((dst / "params.yaml").read_text())
-    params["runs"] = {"tiny": {"model": "tiny_cnn", "epochs": 1}, "tiny_random": {"model": "tiny_cnn", "epochs": 0}}
-    (dst / "params.yaml").write_text(yaml.safe_dump(params))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        _sh(cmd, dst)
-    return dst
+    """A git repository holding the files of this one, with two tiny runs in params.yaml."""
+    return copy_repo(tmp_path_factory.mktemp("repo"), runs={"tiny": {"model": "tiny_cnn", "epochs": 1},
+                                                           "tiny_random": {"model": "tiny_cnn", "epochs": 0}})
 
 
 def test_dvc_repro_runs_every_stage_then_nothing(repo):

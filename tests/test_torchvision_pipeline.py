@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from repo_copy import copy_repo
 
-ROOT = Path(__file__).resolve().parents[1]
+PARAMS = "pipelines/torchvision/params.yaml"
 MODELS = ["resnet18", "alexnet"]
 pytestmark = pytest.mark.slow
 
@@ -26,23 +25,6 @@ def _sh(cmd, cwd, env, check=True):
     if check:
         assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
     return out
-
-
-def copy_repo(dst: Path, params: dict) -> Path:
-    """The working tree's files (tracked and untracked, not ignored) in a fresh git repo, with ``params``."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("artifacts/", "reports/", "pipelines/torchvision/artifacts")):
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
-    p = dst / "pipelines" / "torchvision" / "params.yaml"
-    p.write_text(yaml.safe_dump({**yaml.safe_load(p.read_text()), **params}))
-    env = dict(os.environ)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        _sh(cmd, dst, env)
-    return dst
 
 
 def image_folder(root: Path, per_class: int = 6) -> Path:
@@ -90,7 +72,7 @@ def test_torchvision_pipeline_on_random_hub_weights(tmp_path):
     torch_home = tmp_path / "torch_home"
     states = hub_weights(torch_home, MODELS)
     images = image_folder(tmp_path / "images")
-    repo = copy_repo(tmp_path / "repo", {**TINY, "data_root": str(images)})
+    repo = copy_repo(tmp_path / "repo", PARAMS, **TINY, data_root=str(images))
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     out = _sh(["dvc", "repro", "pipelines/torchvision/dvc.yaml"], repo, env).stdout
     pipe = repo / "pipelines" / "torchvision"
@@ -119,7 +101,7 @@ def test_missing_weights_stop_at_once_naming_every_file(tmp_path):
 
     torch_home = tmp_path / "torch_home"
     hub_weights(torch_home, ["alexnet"])  # one of three present
-    repo = copy_repo(tmp_path / "repo", {**TINY, "models": ["resnet18", "alexnet", "vgg11"],
+    repo = copy_repo(tmp_path / "repo", PARAMS, **{**TINY, "models": ["resnet18", "alexnet", "vgg11"],
                                          "data_root": str(image_folder(tmp_path / "images"))})
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     out = _sh(["dvc", "repro", "pipelines/torchvision/dvc.yaml"], repo, env, check=False)

@@ -143,7 +143,7 @@ class LayerStats:
         return BatchSummary((s / P).float(), mx, am)
 
     def _histogram(self, xf: torch.Tensor) -> None:
-        g, (N, C, P) = self.grid, xf.shape
+        g, (N, C, _) = self.grid, xf.shape
         self.active += (xf > 0).sum((0, 2))
         if self.hist_stride > 1:
             xf = xf[:, :, :: self.hist_stride]
