@@ -263,6 +263,8 @@ def test_kernel_equals_torch_ops_on_nan_inf_ties_and_signed_zeros(monkeypatch, s
     x[0, 1, 1, [2, 9]] = 1e9  # a tied max
     x[1, 2, 2, 3], x[1, 3, 2, 5] = float("nan"), float("-inf")
     x[1, 4, 3, :4] = torch.tensor([-0.0, 0.0, float("inf"), 1e-30])
+    x[1, 5, 1] = -1.0
+    x[1, 5, 1, [3, 6]] = torch.tensor([-0.0, 0.0])  # max 0 with both signs: the first zero is the max
     y = torch.randint(0, 3, (2, 7))
 
     def run(fused: bool, threads: int):

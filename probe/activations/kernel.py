@@ -1,17 +1,18 @@
-"""The CPU statistics kernel: everything :class:`~probe.activations.stats.LayerStats` accumulates from a
-batch, in one compiled call per layer.
+"""The CPU statistics kernel: everything :class:`~probe.activations.stats.LayerStats` and its
+:class:`~probe.activations.exemplars.TopK` accumulate from a batch, in one compiled call per layer.
 
 On a CPU the statistics pass is bound by memory traffic and by per-call overhead, not arithmetic:
 a plain forward pass writes each activation once, and reducing it with one torch op per statistic
-(sum, squares, min, max + argmax, histogram key, bincount, class sums) reads it again six to nine
-times and pays a dispatch per op, which dominates on layers with many channels and small maps.
-Here one numba-compiled function reads each (image, channel) row twice: once for the float64 sum,
-sum of squares and active count (vectorised), once for the max, its first position, the min and
-the histogram (interleaved int32 sub-histograms, so that runs of equal values do not wait on each
-other's increments). Channels are split across threads; each channel is reduced by one thread in
-a fixed order, so results do not depend on the number of threads. On CUDA,
-:mod:`probe.activations.stats` uses torch ops on the device instead; tests hold both to the same
-brute-force results.
+(sum, squares, min, max + argmax, histogram key, bincount, class sums, top-k) reads it again six to
+nine times and pays a dispatch per op, which dominates on layers with many channels and small maps.
+Here one numba-compiled function does, per (image, channel) row: one vectorised pass for the
+float64 sum, the sum of squares, the active count and the min and max (compared as order-preserving
+integers made from the float bits), a scan that stops at the first max, and one pass for the
+histogram (interleaved int32 sub-histograms, so that runs of equal values do not wait on each
+other's increments); then it inserts the image into the channel's top-k if it ranks. Channels are
+split across threads; each channel is reduced by one thread in a fixed order, so results do not
+depend on the number of threads. On CUDA, :mod:`probe.activations.stats` uses torch ops on the
+device instead; tests hold both to the same brute-force results and to each other.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, max
                 hi = max(hi, o)
                 lo = min(lo, o)
             if nan == 0:
-                hi_bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+                scratch[0] = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+                top = scratch_f[0]
                 am = 0
-                for p in range(P):
-                    if bits[n, c, p] == hi_bits:
+                for p in range(P):  # compared as floats: -0.0 == 0.0, as torch.max sees them
+                    if x[n, c, p] == top:
                         am = p
                         break
                 mx = x[n, c, am]
