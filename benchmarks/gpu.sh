@@ -3,6 +3,7 @@
 # images/s of a plain inference pass vs the statistics pass at the same batch size, saliency ratios, and a
 # batched render of one layer (against Lucent when installed). Writes <out dir>/gpu.json and prints what it measured.
 #   benchmarks/gpu.sh <out dir> [--quick]
+# On the lent GPU machine (no network): first run benchmarks/gpu_wheels.sh here, then carry .wheels.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -23,6 +24,11 @@ if ! "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   echo "gpu.sh: torch ($python) sees no CUDA device; nothing measured" >&2
   exit 1
 fi
+
+if [[ -d .wheels ]]; then  # carried from benchmarks/gpu_wheels.sh: what this machine lacks
+  "$python" -m pip install -q --no-deps --no-index .wheels/*.whl
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # probe from this tree, not installed
 
 mkdir -p "$out_dir"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out_dir/nvidia-smi.txt"

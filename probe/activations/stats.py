@@ -127,10 +127,10 @@ class LayerStats:
         s = xf.sum(2, dtype=torch.float64)  # (N, C)
         self.sum += s.sum(0)
         self.sumsq += torch.linalg.vector_norm(xf - self.shift.view(1, C, 1), dim=2).square_().sum(0, dtype=torch.float64)
-        # finite sums by a matmul, not index_add_ (float atomics: not deterministic on CUDA); the
-        # non-finite ones by index_add_ (NaN / inf sums come out the same in any order), so that
-        # they reach their own class only
-        # (F.one_hot and bincount would read the labels' max back to the host: a sync per batch on CUDA)
+        # class sums: finite ones by a matmul with a one-hot made by comparison (F.one_hot and
+        # bincount read the labels' max back to the host: a sync per batch on CUDA), not by
+        # index_add_ (float atomics are not deterministic on CUDA); non-finite ones by index_add_
+        # (NaN / inf sums come out the same in any order), so that they reach their own class only
         finite = s.isfinite()
         onehot = (y[:, None] == self._classes).to(torch.float64)  # (N, K)
         self.class_sum += onehot.T @ s.where(finite, 0.0)
