@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import yaml
+from repo_copy import copy_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cifar10_pipeline_parses_and_plans(tmp_path):
-    from test_torchvision_pipeline import copy_repo
-
-    repo = copy_repo(tmp_path / "repo", {})
+    repo = copy_repo(tmp_path / "repo")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run(["dvc", "stage", "list", "-R", "pipelines/cifar10"], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=300)
