@@ -32,7 +32,6 @@ class LogGrid:
         self.half = 1 << (8 + bits)
         self.normal = 2 * octaves << bits  # normal bins per sign
         self.bins = 2 * self.normal + 5
-        self.zero_bin = self.normal + 2
         self.first_active = self.normal + 3
         self.lut = self._lookup()
         self.lo, self.hi = self._edges()
