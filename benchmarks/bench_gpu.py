@@ -9,8 +9,10 @@
   and against torch-lucent's ``render_vis`` when it is installed (``pip install -e .[bench]``).
   Target (issue 5): batched >= 20x faster per channel than Lucent.
 Data live on the GPU (the host->device copy is not timed); every timing is bracketed by a synchronise.
+``--smoke`` runs every section on the CPU at toy sizes (tests/test_benchmarks.py): it measures
+nothing, it keeps the script from breaking between the sessions that have a GPU.
 
-    python benchmarks/bench_gpu.py [--quick] [--out results.json]
+    python benchmarks/bench_gpu.py [--quick | --smoke] [--out results.json]
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ import time
 
 import torch
 
+SIZES = {  # ResNet-50 input side, batches and batch size, saliency batch and IG steps, repeats; render side, steps, channels
+    "full": dict(side=224, n_batches=20, batch=64, sal_batch=32, ig_steps=32, rounds=3,
+                 r_side=128, r_steps=64, r_channels=64, r_single=4),
+    "quick": dict(side=224, n_batches=5, batch=64, sal_batch=32, ig_steps=32, rounds=2,
+                  r_side=128, r_steps=16, r_channels=16, r_single=2),
+    "smoke": dict(side=64, n_batches=1, batch=4, sal_batch=2, ig_steps=2, rounds=1,
+                  r_side=32, r_steps=2, r_channels=2, r_single=1),
+}
+
 
 def _sync():
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _best(fn, rounds: int) -> float:
@@ -38,18 +50,17 @@ def _best(fn, rounds: int) -> float:
     return best
 
 
-def inference(quick: bool, batch: int = 64) -> dict:
+def inference(dev: torch.device, z: dict) -> dict:
     import torchvision
 
     from probe.activations import collect
     from probe.capture import default_layers
     from probe.runtime import autocast, fast_model
 
-    dev = torch.device("cuda")
-    n_batches = 5 if quick else 20
+    batch, n_batches, side = z["batch"], z["n_batches"], z["side"]
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().to(dev)
-    data = [(torch.randn(batch, 3, 224, 224, device=dev), torch.randint(0, 1000, (batch,), device=dev))
+    data = [(torch.randn(batch, 3, side, side, device=dev), torch.randint(0, 1000, (batch,), device=dev))
             for _ in range(n_batches)]
     layers = default_layers(model)
 
@@ -73,12 +84,12 @@ def inference(quick: bool, batch: int = 64) -> dict:
     def stats_fp32():
         collect(fast, data_cl, layers, dev, 1000, amp=False)
 
-    rounds = 2 if quick else 3
+    rounds = z["rounds"]
     t = {"plain_fp32": _best(plain_fp32, rounds), "plain_fast": _best(plain_fast, rounds),
          "stats": _best(stats, rounds), "stats_fp32": _best(stats_fp32, rounds)}
     images = batch * n_batches
     ips = {k: images / v for k, v in t.items()}
-    return {"model": "resnet50 (random weights)", "input": [3, 224, 224], "batch": batch, "images": images,
+    return {"model": "resnet50 (random weights)", "input": [3, side, side], "batch": batch, "images": images,
             "layers": len(layers), **{f"{k}_images_per_s": v for k, v in ips.items()},
             "stats_vs_plain_fast": ips["stats"] / ips["plain_fast"],
             "stats_vs_plain_fp32": ips["stats"] / ips["plain_fp32"],
@@ -86,34 +97,33 @@ def inference(quick: bool, batch: int = 64) -> dict:
             "target": 0.8, "meets_target": ips["stats"] / ips["plain_fast"] >= 0.8}
 
 
-def saliency(quick: bool, batch: int = 32) -> dict:
+def saliency(dev: torch.device, z: dict) -> dict:
     import torchvision
 
     from probe.saliency.methods import MethodSettings, attribute
     from probe.saliency.prepare import attribution_copy
 
-    dev = torch.device("cuda")
+    batch, steps = z["sal_batch"], z["ig_steps"]
     torch.manual_seed(0)
     model = attribution_copy(torchvision.models.resnet50(weights=None).eval()).to(dev)
-    x = torch.randn(batch, 3, 224, 224, device=dev)
+    x = torch.randn(batch, 3, z["side"], z["side"], device=dev)
     target = torch.arange(batch, device=dev) % 1000
-    s = MethodSettings(ig_steps=32)
+    s = MethodSettings(ig_steps=steps)
 
     def fb():
         xg = x.detach().requires_grad_(True)
         torch.autograd.grad(model(xg).gather(1, target.view(-1, 1)).sum(), xg)
 
-    rounds = 2 if quick else 3
-    t_fb = _best(fb, rounds)
-    t_vanilla = _best(lambda: attribute("saliency", model, x, target, s), rounds)
-    t_fb32 = _best(lambda: [fb() for _ in range(32)], 1)
+    t_fb = _best(fb, z["rounds"])
+    t_vanilla = _best(lambda: attribute("saliency", model, x, target, s), z["rounds"])
+    t_fbn = _best(lambda: [fb() for _ in range(steps)], 1)
     t_ig = _best(lambda: attribute("integrated_gradients", model, x, target, s), 1)
-    return {"model": "resnet50 (random weights)", "batch": batch, "forward_backward_s": t_fb, "vanilla_s": t_vanilla,
-            "vanilla_ratio": t_vanilla / t_fb, "forward_backward_x32_s": t_fb32, "ig32_s": t_ig,
-            "ig_ratio": t_ig / t_fb32}
+    return {"model": "resnet50 (random weights)", "batch": batch, "ig_steps": steps, "forward_backward_s": t_fb,
+            "vanilla_s": t_vanilla, "vanilla_ratio": t_vanilla / t_fb, "forward_backward_x_steps_s": t_fbn,
+            "ig_s": t_ig, "ig_ratio": t_ig / t_fbn}
 
 
-def render(quick: bool) -> dict:
+def render(dev: torch.device, z: dict) -> dict:
     import torchvision
 
     from probe.data import IMAGENET_MEAN, IMAGENET_STD
@@ -122,12 +132,10 @@ def render(quick: bool) -> dict:
     from probe.synthesis.render import render as do_render
     from probe.synthesis.transform import Transforms
 
-    dev = torch.device("cuda")
     torch.manual_seed(0)
     model = torchvision.models.resnet50(weights=None).eval().to(dev)
-    layer, size, steps = "layer3", 128, (16 if quick else 64)
-    n = 16 if quick else 64
-    n_single = 2 if quick else 4
+    layer, size, steps = "layer3", z["r_side"], z["r_steps"]
+    n, n_single = z["r_channels"], z["r_single"]
 
     def go(channels):
         param = ImageParam(len(channels), 3, size, kind="fourier", seeds=list(channels), device=dev)
@@ -155,24 +163,30 @@ def render(quick: bool) -> dict:
     return out
 
 
-def run(quick: bool = False) -> dict:
-    if not torch.cuda.is_available():
+def run(mode: str = "full") -> dict:
+    """Every section at the sizes of ``mode`` (SIZES); on CUDA, except ``smoke`` (CPU)."""
+    if mode == "smoke":
+        dev = torch.device("cpu")
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda")
+        torch.backends.cudnn.benchmark = True  # as probe outside deterministic mode
+    else:
         raise SystemExit("bench_gpu: no CUDA device")
-    torch.backends.cudnn.benchmark = True  # as probe outside deterministic mode
-    out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "quick": quick}
-    for name, fn in (("inference", inference), ("saliency", saliency), ("render", render)):
+    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+    out = {"device": name, "torch": torch.__version__, "mode": mode}
+    for section, fn in (("inference", inference), ("saliency", saliency), ("render", render)):
         t = time.perf_counter()
         try:
-            out[name] = fn(quick)
+            out[section] = fn(dev, SIZES[mode])
         except Exception as e:  # noqa: BLE001  (report what failed, keep the other figures)
-            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-        out[name]["wall_s"] = time.perf_counter() - t
-        print(f"{name}: {json.dumps(out[name], sort_keys=True)}", file=sys.stderr, flush=True)
+            out[section] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        out[section]["wall_s"] = time.perf_counter() - t
+        print(f"{section}: {json.dumps(out[section], sort_keys=True)}", file=sys.stderr, flush=True)
     return out
 
 
 if __name__ == "__main__":
-    res = run(quick="--quick" in sys.argv)
+    res = run("smoke" if "--smoke" in sys.argv else "quick" if "--quick" in sys.argv else "full")
     text = json.dumps(res, indent=2, sort_keys=True)
     if "--out" in sys.argv:
         with open(sys.argv[sys.argv.index("--out") + 1], "w") as f:

@@ -1,0 +1,26 @@
+"""benchmarks/bench_gpu.py runs every section end to end, on the CPU at toy sizes (``smoke``): a session
+that gets a GPU should not lose its minutes to a script that broke since the last one. Nothing is measured."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_gpu_benchmark_runs_every_section_in_smoke_mode():
+    import bench_gpu
+
+    r = bench_gpu.run("smoke")
+    assert r["device"] == "cpu" and r["mode"] == "smoke"
+    for section in ("inference", "saliency", "render"):
+        assert "error" not in r[section], r[section]
+    inf, sal, ren = r["inference"], r["saliency"], r["render"]
+    # each ratio is the quotient of the figures it reports
+    assert inf["stats_vs_plain_fast"] == pytest.approx(inf["stats_images_per_s"] / inf["plain_fast_images_per_s"])
+    assert sal["vanilla_ratio"] == pytest.approx(sal["vanilla_s"] / sal["forward_backward_s"])
+    assert sal["ig_ratio"] == pytest.approx(sal["ig_s"] / sal["forward_backward_x_steps_s"])
+    assert ren["batched_speedup"] == pytest.approx(ren["one_at_a_time_s_per_channel"] / ren["batched_s_per_channel"])
+    if "lucent_error" not in ren:  # Lucent is a benchmark-only extra
+        assert ren["batched_vs_lucent"] == pytest.approx(ren["lucent_s_per_channel"] / ren["batched_s_per_channel"])
