@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from probe.config import closest, register_schemas, to_object
-from probe.errors import ConfigError, ProbeError
+from probe.errors import ProbeError
 
 log = logging.getLogger("probe")
 

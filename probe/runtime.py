@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -64,8 +65,6 @@ def autocast(device: torch.device, enabled: bool = True):
     Only forward passes whose outputs feed float32/float64 accumulators use it (the statistics pass
     converts every captured output to float32 first); gradients for saliency stay in float32.
     """
-    import contextlib
-
     if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -23,7 +23,7 @@ from probe.models import build, spec
 from probe.models.summary import layer_table
 from probe.models.weights import load_into, read_state_dict
 from probe.rundir import CARD_VERSION, git_commit, library_versions, remove_analyses, save_weights, write_bytes, write_json
-from probe.runtime import fast_model, pick_device, pin_memory, seed_everything, to_device_batch
+from probe.runtime import autocast, fast_model, pick_device, pin_memory, seed_everything, to_device_batch
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
@@ -94,7 +94,6 @@ def train(cfg: TrainStage) -> Path:
     train_dl = loader(data.train, bs, True, cfg.seed, device, cfg.data.num_workers)
     val_dl = loader(data.val, bs, False, cfg.seed, device, cfg.data.num_workers)
     test_dl = loader(data.test, bs, False, cfg.seed, device, cfg.data.num_workers)
-    amp = cfg.train.amp and device.type == "cuda"
 
     rows, start = [], 1
     state_path = run_dir / "last_state.pt"
@@ -125,7 +124,7 @@ def train(cfg: TrainStage) -> Path:
         n = 0
         for x, y in tqdm(train_dl, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not show, leave=False):
             x, y = to_device_batch(x, device), to_device_batch(y, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, cfg.train.amp):
                 out = model(x)
             loss = F.cross_entropy(out.float(), y)
             opt.zero_grad(set_to_none=True)

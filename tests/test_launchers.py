@@ -3,6 +3,7 @@ worker processes reach the exit code."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -63,7 +64,7 @@ def test_joblib_sweep_gives_complete_distinct_runs(tmp_path):
         for f in ("model.safetensors", "metrics.json", "config.yaml", "train_log.csv"):
             assert (c.parent / f).is_file(), (c.parent, f)
     # different seeds, different weights
-    digests = {__import__("hashlib").sha256((c.parent / "model.safetensors").read_bytes()).hexdigest() for c in cards}
+    digests = {hashlib.sha256((c.parent / "model.safetensors").read_bytes()).hexdigest() for c in cards}
     assert len(digests) == 4
 
 

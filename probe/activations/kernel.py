@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from probe.activations.exemplars import COLUMNS
+
 # no "nnan": NaN must still compare unequal; "reassoc" lets the sums vectorise (the order is fixed
 # by the compiled code, so results stay deterministic)
 _FAST = {"reassoc", "contract", "nsz"}
@@ -134,7 +136,7 @@ def _count(bits, c, lut, k, stride, h, row, rows):  # pragma: no cover - compile
 
 
 @njit(parallel=True, nogil=True, fastmath=_FAST, boundscheck=False, cache=True)
-def _reduce(x, y, start, shift, lut, key_shift, stride, hist, total, sumsq, mins, maxs, active, class_sum,
+def _reduce(x, y, start, lut, key_shift, stride, shift, total, sumsq, mins, maxs, hist, active, class_sum,
             class_images, key, val, mxv, amx, idx):  # pragma: no cover - compiled
     N, C, P = x.shape
     for n in range(N):  # before anything is added
@@ -165,23 +167,19 @@ def unsigned_table(lut: np.ndarray, half: int) -> np.ndarray:
     return table.astype(np.uint16 if table.max() < 1 << 16 else np.int32)
 
 
-STATS = ("shift", "hist", "sum", "sumsq", "min", "max", "active", "class_sum", "class_images")
-TOP = ("key", "value", "max_value", "argmax", "index")
-
-
-def kernel_arrays(stats, top) -> tuple:
-    """The arrays :func:`reduce_batch` updates in place: numpy views of the CPU tensors of a
-    :class:`~probe.activations.stats.LayerStats` and of the columns of its
-    :class:`~probe.activations.exemplars.TopK`, with the grid's table; taken once, at the first batch."""
+def state_views(stats, top) -> tuple:
+    """The arrays :func:`reduce_batch` updates in place, after the grid's table, key shift and the
+    histogram stride: numpy views of the CPU tensors of a :class:`~probe.activations.stats.LayerStats`
+    (its ``FIELDS``) and of the columns of its :class:`~probe.activations.exemplars.TopK` (key, then
+    ``COLUMNS``); taken once, at the first batch."""
     g = stats.grid
-    views = {f: getattr(stats, f).numpy() for f in STATS}
-    return (views["shift"], unsigned_table(g.lut, g.half), g.shift, stats.hist_stride,
-            *(views[f] for f in STATS[1:]), *(top.kept[c].numpy() for c in TOP))
+    return (unsigned_table(g.lut, g.half), g.shift, stats.hist_stride,
+            *(getattr(stats, f).numpy() for f in stats.FIELDS), *(top.kept[c].numpy() for c in ("key", *COLUMNS)))
 
 
 def reduce_batch(xf: torch.Tensor, y: torch.Tensor, start: int, arrays: tuple) -> None:
     """Add the batch ``xf`` float32 ``(N, C, P)`` with labels ``y``, first image ``start``, to
-    :func:`kernel_arrays` in place. NaN propagates to the sums, min and max as in torch, is counted
+    :func:`state_views` in place. NaN propagates to the sums, min and max as in torch, is counted
     in an overflow bin of the histogram and ranks as +inf."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     _reduce(xf.contiguous().numpy(), y.numpy(), start, *arrays)

@@ -86,8 +86,6 @@ def write_outputs(cfg: ActivationsStage, ctx: Context, layers: list[str], stats:
 
 
 # -- sharded extraction ------------------------------------------------------------------------
-
-
 def shard_range(total: int, i: int, n: int) -> tuple[int, int]:
     """Shard ``i`` of ``n`` is the contiguous index range ``[i N // n, (i + 1) N // n)`` of the split.
 

@@ -42,7 +42,7 @@ import torch
 
 from probe.activations.exemplars import BatchSummary, TopK
 from probe.activations.grid import LogGrid
-from probe.activations.kernel import kernel_arrays, reduce_batch
+from probe.activations.kernel import reduce_batch, state_views
 
 QUANTILES = (0.01, 0.5, 0.99)
 FUSED_CPU = True  # CPU batches go through the one-pass numba kernel (tests also run the torch ops on CPU)
@@ -110,7 +110,7 @@ class LayerStats:
             if self._arrays is None:
                 if top.kept is None:
                     top._init(C, x.device)
-                self._arrays = kernel_arrays(self, top)
+                self._arrays = state_views(self, top)
             reduce_batch(xf, y, start, self._arrays)
             top.ranked += N
             self.hist_count += N * len(range(0, H * W, self.hist_stride))

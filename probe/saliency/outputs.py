@@ -1,11 +1,10 @@
-"""Writing the stage's arrays and figures: a byte-reproducible npz and heat-map overlays."""
+"""Writing the stage's heat-map overlays (arrays go through :func:`probe.rundir.write_npz`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
 
 
 def overlay_grid(path: Path, images: np.ndarray, maps: np.ndarray, titles: list[str], signed: bool,

@@ -8,7 +8,6 @@ index into the array of that kind), ``metrics.json`` (DVC metrics) and PNG grids
 from __future__ import annotations
 
 import logging
-import math
 import zlib
 from pathlib import Path
 
