@@ -15,7 +15,7 @@ import torch
 from repo_copy import copy_repo
 
 PARAMS = "pipelines/torchvision/params.yaml"
-MODELS = ["resnet18", "alexnet"]
+MODELS = ["resnet18", "squeezenet1_1"]  # small files: the hub cache, run dirs and DVC cache each hold a copy
 pytestmark = pytest.mark.slow
 
 
@@ -100,8 +100,8 @@ def test_missing_weights_stop_at_once_naming_every_file(tmp_path):
     from probe.models.weights import torchvision_weights
 
     torch_home = tmp_path / "torch_home"
-    hub_weights(torch_home, ["alexnet"])  # one of three present
-    repo = copy_repo(tmp_path / "repo", PARAMS, **{**TINY, "models": ["resnet18", "alexnet", "vgg11"],
+    hub_weights(torch_home, ["squeezenet1_1"])  # one of three present
+    repo = copy_repo(tmp_path / "repo", PARAMS, **{**TINY, "models": ["resnet18", "squeezenet1_1", "vgg11"],
                                          "data_root": str(image_folder(tmp_path / "images"))})
     env = {**os.environ, "TORCH_HOME": str(torch_home)}
     out = _sh(["dvc", "repro", "pipelines/torchvision/dvc.yaml"], repo, env, check=False)
@@ -111,5 +111,5 @@ def test_missing_weights_stop_at_once_naming_every_file(tmp_path):
     for m in ("resnet18", "vgg11"):
         name = os.path.basename(torchvision_weights(m, "DEFAULT").url)
         assert str(torch_home / "hub" / "checkpoints" / name) in text, m
-    assert "alexnet-" not in text.split("missing:")[1].split(". On a machine")[0]
+    assert "squeezenet1_1-" not in text.split("missing:")[1].split(". On a machine")[0]
     assert not (repo / "pipelines" / "torchvision" / "artifacts").exists()  # no work started
