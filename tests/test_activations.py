@@ -9,6 +9,10 @@ numpy's interpolated quantile.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from contextlib import redirect_stderr
 from io import StringIO
 
@@ -346,3 +350,31 @@ def test_cli_end_to_end_and_bad_layer(tmp_path):
     assert code == 2
     assert "conv_2" in err.getvalue() and "did you mean 'conv2'" in err.getvalue()
     assert (out / "stats.parquet").is_file()  # the earlier output is untouched
+
+
+NO_CACHE_FOLDER = """
+import json, numba, pytest, torch
+import numba.core.caching as caching
+caching.CacheImpl._locator_classes = []  # what numba sees when no cache folder is writable
+with pytest.raises(RuntimeError, match="no locator"):
+    numba.njit(cache=True)(lambda: 0)
+from probe.activations import LogGrid, TopK, stats
+torch.manual_seed(0)
+s = stats.LayerStats("x", LogGrid(), 3)
+s.update(torch.randn(6, 3, 5, 5), torch.tensor([0, 1, 2, 0, 1, 2]), TopK("x", 2), 0)
+print(json.dumps({"fused": stats.FUSED_CPU, "sum": s.sum.tolist(), "max": s.max.tolist()}))
+"""
+
+
+def test_kernel_compiles_in_memory_where_numba_has_no_writable_cache_folder(tmp_path):
+    """A read-only install without a home: numba finds no cache locator, and the import still works."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    out = subprocess.run([sys.executable, "-c", NO_CACHE_FOLDER], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 5, 5)
+    assert got["fused"]
+    np.testing.assert_allclose(got["sum"], x.double().sum((0, 2, 3)).numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(got["max"], x.amax((0, 2, 3)).numpy())

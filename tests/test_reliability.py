@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from probe.cli import main
-from probe.errors import DataError, RunDirError
+from probe.errors import RunDirError
 from probe.rundir import read_card
 
 from conftest import CHEAP, TINY_TRAIN, make_run

@@ -6,14 +6,11 @@ import json
 import re
 import shutil
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from probe.cli import main
-
-from conftest import make_run
 
 SECTIONS = ["overview", "architecture", "filters", "feature-maps", "distributions", "saliency", "synthesis", "geometry"]
 pytestmark = pytest.mark.slow

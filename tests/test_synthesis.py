@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from probe.errors import NumericalError
 from probe.synthesis import objectives as O

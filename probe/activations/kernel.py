@@ -135,7 +135,18 @@ def _count(bits, c, lut, k, stride, h, row, rows):  # pragma: no cover - compile
                 h[row, np.intp(lut[bits[n, c, p] >> k])] += 1
 
 
-@njit(parallel=True, nogil=True, fastmath=_FAST, boundscheck=False, cache=True)
+def _compiled(fn):
+    """njit with numba's on-disk cache, which numba puts next to this module, in NUMBA_CACHE_DIR or in
+    the user's cache folder. Where none is writable (a read-only install without a home) numba refuses
+    to cache when the function is decorated, which would fail the import: compile in memory instead."""
+    options = dict(parallel=True, nogil=True, fastmath=_FAST, boundscheck=False)
+    try:
+        return njit(cache=True, **options)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(**options)(fn)
+
+
+@_compiled
 def _reduce(x, y, start, lut, key_shift, stride, shift, total, sumsq, mins, maxs, hist, active, class_sum,
             class_images, key, val, mxv, amx, idx):  # pragma: no cover - compiled
     N, C, P = x.shape
