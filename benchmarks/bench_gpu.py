@@ -17,6 +17,7 @@ nothing, it keeps the script from breaking between the sessions that have a GPU.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -148,8 +149,6 @@ def render(dev: torch.device, z: dict) -> dict:
     out = {"model": "resnet50 (random weights)", "layer": layer, "size": size, "steps": steps, "channels": n,
            "batched_s": t_batch, "batched_s_per_channel": t_batch / n, "one_at_a_time_s_per_channel": t_single / n_single,
            "batched_speedup": (t_single / n_single) / (t_batch / n)}
-    import copy
-
     from bench_synthesis import lucent_render
 
     try:

@@ -201,6 +201,33 @@ def test_exemplars_are_the_brute_force_top_k(setup, reduction):
     assert f[f.channel == 1]["index"].tolist() == [7, 0, 1]
 
 
+
+def test_batches_after_a_merge_count_like_one_pass(reduction):
+    """update, merge, update: the batches after the merge land in the merged state (the kernel
+    keeps views of the state, so merging must not replace it)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 3, 4, 4), torch.randint(0, 2, (30,))
+
+    def fresh():
+        return stats_module.LayerStats("l", LogGrid(), 2), TopK("l", 4)
+
+    whole, whole_top = fresh()
+    for i in (0, 10, 20):
+        whole.update(x[i : i + 10], y[i : i + 10], whole_top, i)
+    s, top = fresh()
+    s.update(x[:10], y[:10], top, 0)
+    other, other_top = fresh()
+    other.update(x[10:20], y[10:20], other_top, 10)
+    s.merge(other)
+    top.merge(other_top)
+    s.update(x[20:], y[20:], top, 20)
+    for f in ("min", "max", "hist", "active", "class_images"):
+        assert torch.equal(getattr(s, f), getattr(whole, f)), f
+    torch.testing.assert_close(s.sum, whole.sum, rtol=1e-12, atol=1e-12)
+    for c in ("index", "argmax", "max_value"):
+        np.testing.assert_array_equal(top.state()[c], whole_top.state()[c])
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("stride", [1, 3])
 def test_merge_of_random_splits_equals_one_pass(setup, reduction, seed, stride, tmp_path):

@@ -50,6 +50,7 @@ class TopK:
 
     Kept as ``(k, C)`` columns plus their :func:`rank_key`, rank 0 first, slots not yet filled at
     the bottom with key :data:`EMPTY`; a batch's ``(N, C)`` summary joins them without a transpose.
+    The columns are allocated once and updated in place, so views of them stay valid.
     :meth:`state` gives the filled ``(C, <=k)`` part.
     """
 
@@ -84,7 +85,8 @@ class TopK:
         new["key"] = rank_key(new["value"], new["index"])
         both = {c: torch.cat([v, new[c]]) for c, v in self.kept.items()}
         order = torch.topk(both["key"], self.k, dim=0).indices
-        self.kept = {c: v.gather(0, order) for c, v in both.items()}
+        for c, v in both.items():  # in place: the CPU kernel keeps views of these columns
+            torch.gather(v, 0, order, out=self.kept[c])
         self.ranked += len(new["key"])
 
     @property
