@@ -168,6 +168,8 @@ def train(cfg: TrainStage) -> Path:
         "train": asdict(cfg.train),
         "git_commit": git_commit(),
         "versions": library_versions(),
+        # CPU kernels split reductions by thread: the same seed gives the same bytes at the same thread count
+        "torch_threads": torch.get_num_threads(),
     }
     write_json(run_dir / "card.json", card)
     state_path.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ def test_train_cli_writes_a_complete_run_dir(tmp_path):
     assert card["model"]["name"] == "tiny_cnn" and card["run_name"] == "run"
     assert card["params_total"] == sum(p.numel() for p in load_run(run_dir).model.parameters())
     assert [layer["name"] for layer in card["layers"]][:2] == ["conv1", "relu1"]
+    assert card["torch_threads"] == torch.get_num_threads()  # bytes are reproducible at a given thread count
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == card["metrics"] and metrics["epochs"] == 2 and 0 <= metrics["test_acc"] <= 1
     rows = list(csv.DictReader(open(run_dir / "train_log.csv")))
