@@ -103,3 +103,62 @@ def differing_keys(runs: list[RunData]) -> list[str]:
     """Config keys whose values are not the same in every run."""
     keys = sorted(set().union(*(r.config for r in runs)))
     return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs}) > 1]
+
+
+# Keys that say where or how a run was computed, not what: never a reason to keep runs apart.
+RUNTIME_KEYS = frozenset({"run_dir", "device", "progress", "data.root", "data.download", "data.num_workers"})
+# Keys a sweep repeats a configuration over: the aggregate is over these.
+SEED_KEYS = frozenset({"seed"})
+
+
+def _canon(v) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
+def group_key(run: RunData) -> tuple:
+    """What makes two runs the same experiment: the resolved config minus the seed and runtime keys, with
+    the model, dataset and epochs from the card always part of it (so a run without config.yaml, or a
+    config that lost them, still never aggregates across them)."""
+    cfg = {k: v for k, v in run.config.items() if k not in RUNTIME_KEYS | SEED_KEYS and not k.startswith("hydra.")}
+    card = run.card
+    cfg["card.model"] = card["model"].get("name")
+    cfg["card.weights"] = card["model"].get("weights")
+    cfg["card.dataset"] = card["data"].get("name")
+    cfg["card.image_size"] = card["data"].get("image_size")
+    cfg["card.epochs"] = card.get("train", {}).get("epochs", card.get("metrics", {}).get("epochs"))
+    return tuple(sorted((k, _canon(v)) for k, v in cfg.items()))
+
+
+def seed_groups(runs: list[RunData]) -> list[list[RunData]]:
+    """Runs that share every config key but the seed (and runtime keys), in page order: a group of more
+    than one run is a sweep over seeds of one experiment. Runs with a different model, dataset, number of
+    epochs, learning rate, ... are in different groups."""
+    groups: dict[tuple, list[RunData]] = {}
+    for r in runs:
+        groups.setdefault(group_key(r), []).append(r)
+    return list(groups.values())
+
+
+def headline(run: RunData) -> dict[str, float]:
+    """Every numeric leaf of every stage's metrics.json as ``stage.path.to.key``; a Comparison or Estimate
+    counts as its main number (effect or value), its bounds and p-values are not headline numbers."""
+    from probe.report.claims import is_comparison, is_estimate, main_number
+
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, v) -> None:
+        if is_comparison(v) or is_estimate(v):
+            x = main_number(v)
+            if x is not None:
+                out[prefix] = x
+        elif isinstance(v, dict):
+            for k, w in v.items():
+                walk(f"{prefix}.{k}", w)
+        else:
+            x = main_number(v)
+            if x is not None:
+                out[prefix] = x
+
+    for stage, m in run.metrics.items():
+        walk(stage, m)
+    return out

@@ -11,12 +11,16 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from probe.report.collect import STAGE_COMMANDS, RunData, differing_keys
+from probe.report.collect import RUNTIME_KEYS, SEED_KEYS, STAGE_COMMANDS, RunData, differing_keys, seed_groups
+from probe.report.collect import headline as collect_headline
+from probe.report import ranking
+from probe.report.claims import claim, comparisons, counts, estimates, fmt_comparison, fmt_estimate, num, verdict
+from probe.uncertainty import paired_comparison, proportion_interval, proportions_comparison, adjust, mean_interval
 from probe.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
 
 
 def _section(sid: str, title: str, intro: str = "") -> dict:
-    return {"id": sid, "title": title, "intro": intro, "blocks": [], "missing": []}
+    return {"id": sid, "title": title, "intro": intro, "blocks": [], "missing": [], "claims": []}
 
 
 def _table(caption: str, df: pd.DataFrame, digits: int = 4) -> dict:
@@ -164,18 +168,32 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
     stats = _depth_frame(have, "activations", "stats")
     depth = {r.label: r.layer_order() for r in have}
     stats["depth"] = [depth[run].get(layer, -1) for run, layer in zip(stats["run"], stats["layer"])]
+    covered = {r.label: _covered(r) for r in have}
     per_layer = (stats.groupby(["run", "layer", "depth"], sort=False)
                  .agg(dead=("dead", "mean"), sparsity=("frac_active", lambda a: 1 - a.mean()),
-                      selectivity=("selectivity", "mean")).reset_index().sort_values(["run", "depth"]))
+                      selectivity=("selectivity", lambda a: a[(a >= 0) & (a <= 1)].mean())).reset_index()
+                 .sort_values(["run", "depth"]))
     per_layer["layer index"] = per_layer.groupby("run").cumcount()
+    # dead units are defined only where the activation is a rectifier's input or output
+    keep = [covered[run] is None or layer in covered[run] for run, layer in zip(per_layer["run"], per_layer["layer"])]
+    per_layer["dead"] = per_layer["dead"].where(keep)
+    said = sorted({f"{run}: {', '.join(c)}" for run, c in covered.items() if c is not None})
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for ax, col, title in zip(axes, ("dead", "sparsity"), ("dead units (never active)", "sparsity (1 - fraction active)")):
-        sns.lineplot(per_layer, x="layer index", y=col, hue="run", palette=colours, marker="o", ax=ax)
+        sns.lineplot(per_layer.dropna(subset=[col]), x="layer index", y=col, hue="run", palette=colours, marker="o", ax=ax)
         ax.set_title(f"Fraction of {title} by depth")
         ax.set_xlabel("captured layer (0 = first)")
         ax.set_ylabel(col)
-    s["blocks"].append(_figure("Dead units and sparsity by depth, one line per run", fig))
+        ax.set_ylim(-0.02, 1.02)
+    s["blocks"].append(_figure("Dead units and sparsity by depth, one line per run" + (
+        "; dead units only on layers that feed a rectifier or are one (" + "; ".join(said) + ")" if said else ""), fig))
+    for r in have:
+        m = r.metrics["activations"]
+        dc = _dead_counts(r)
+        if dc:
+            e = proportion_interval(dc[0], dc[1]).to_dict() if dc[1] else None
+            s["claims"].append(claim("distributions", r.label, f"dead units in {', '.join(dc[2])}", "fraction", e))
 
     hist = _depth_frame(have, "activations", "hist")
     if not hist.empty:
@@ -184,12 +202,20 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
                                    "the x axis is symmetric-log scaled)", _ridge(hist, depth, colours)))
 
     sel = stats.dropna(subset=["selectivity"])
+    outside = int(((sel["selectivity"] < 0) | (sel["selectivity"] > 1)).sum())
+    sel = sel[(sel["selectivity"] >= 0) & (sel["selectivity"] <= 1)]
     if not sel.empty:
         sel = sel.assign(**{"layer index": sel.groupby("run")["depth"].rank(method="dense").astype(int) - 1})
         fig, ax = plt.subplots(figsize=(11, 3.6))
         sns.boxplot(sel, x="layer index", y="selectivity", hue="run", palette=colours, ax=ax, fliersize=1)
+        ax.set_ylim(0, 1)
         ax.set_title("Class selectivity index of units, by depth")
-        s["blocks"].append(_figure("Class selectivity (Morcos et al. 2018): 0 = responds equally to every class", fig))
+        ax.set_xlabel("layer with a defined index (0 = first)")
+        s["blocks"].append(_figure(
+            "Class selectivity (Morcos et al. 2018) of rectified units: (max − mean of the other classes) / (max + mean "
+            "of the other classes) of the class-mean activations; 0 = responds equally to every class, 1 = to one class "
+            "only. Units where it is undefined are left out" + (f" ({outside} values outside [0, 1], where the "
+                                                               "index is undefined, dropped)" if outside else ""), fig))
 
     table = per_layer.assign(dead=per_layer["dead"].round(4), sparsity=per_layer["sparsity"].round(4))
     s["blocks"].append(_table("Per layer", table[["run", "layer", "dead", "sparsity", "selectivity"]]) | {"collapsed": True})
@@ -220,6 +246,17 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
     return s
 
 
+def _covered(r: RunData) -> list[str] | None:
+    """The layers on which activations/metrics.json defines dead units (None: it does not say)."""
+    m = r.metrics.get("activations", {})
+    for key in ("dead_layers", "covered_layers", "rectified_layers"):
+        if isinstance(m.get(key), list):
+            return [str(x) for x in m[key]]
+    if isinstance(m.get("dead_units"), dict):
+        return list(m["dead_units"])
+    return None
+
+
 def _ridge(hist: pd.DataFrame, depth: dict, colours: dict):
     runs = list(dict.fromkeys(hist["run"]))
     n_layers = max(hist.groupby("run")["layer"].nunique())
@@ -245,18 +282,45 @@ def _ridge(hist: pd.DataFrame, depth: dict, colours: dict):
 
 # 6. saliency ---------------------------------------------------------------------------------------
 
+TARGETS = {"logit": "the logit (pre-softmax score) of the true class",
+           "log_softmax": "the log-softmax output of the true class", "probability": "the softmax probability of the true class"}
+
+
+def saliency_methods(m: dict) -> list[str]:
+    """The method entries of a saliency metrics.json (dicts with a deletion AUC), in file order."""
+    return [k for k, v in m.items() if isinstance(v, dict) and "deletion_auc" in v]
+
+
+def _target_sentence(have: list[RunData]) -> str:
+    said = {}
+    for r in have:
+        m = r.metrics["saliency"]
+        t = m.get("target")
+        what = TARGETS.get(t, f"'{t}'") if t else "an unrecorded target (written by an older probe: rerun probe saliency)"
+        said.setdefault(what, []).append(r.label + (f" (Grad-CAM on {m['gradcam_layer']})" if m.get("gradcam_layer") else ""))
+    if len(said) == 1:
+        (what, labels), = said.items()
+        return f"Every map attributes {what}; " + "; ".join(labels) + "."
+    return "Attribution targets differ: " + "; ".join(f"{', '.join(v)}: {k}" for k, v in said.items()) + "."
+
+
 def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
-    s = _section("saliency", "Saliency",
-                 "Attribution maps of the true class for the same probe images (rows) in every model; faithfulness by "
-                 "deletion / insertion AUC against a random pixel order (lower deletion and higher insertion than "
-                 "random mean the map points at evidence the model uses), and the cascading randomisation check "
-                 "(a map that survives randomised weights explains the image, not the model).")
+    s = _section("saliency", "Saliency")
     have = _need(s, runs, "saliency")
+    s["intro"] = ("Attribution maps for the same probe images (rows) in every model. " + (_target_sentence(have) if have else "")
+                  + " Faithfulness: deletion / insertion AUC (RISE convention, Petsiuk et al. 2018: the target's "
+                  "probability against the fraction of pixels removed or inserted, area normalised to [0, 1]), means "
+                  "over the probe images of the true class as in saliency/metrics.json, against the mean over many "
+                  "random pixel orders; the difference is paired over images with its 95% interval and its "
+                  "Holm-adjusted p. Lower deletion and higher insertion than random mean the map points at evidence "
+                  "the model uses; where p ≥ 0.05 the table says 'not distinguishable from random'.")
     if not have:
         return s
     items = []
     for r in have:
         z = r.arrays("saliency", "maps")
+        if z is None:
+            continue
         methods = [k for k in z.files if k not in ("images", "image", "labels", "targets", "target_kind", "target",
                                                    "predictions", "target_kinds") and z[k].ndim == 3]
         if "target_kind" in z.files:
@@ -271,17 +335,64 @@ def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
         grid = np.stack(tiles, 1)  # (n, 1 + methods, 3, H, W)
         items.append((f"{r.label}: image, " + ", ".join(methods),
                       grid_uri(grid.reshape(-1, *grid.shape[2:]), cols=len(tiles), scale=2)))
-    s["blocks"].append(_gallery("Maps (columns: the image, then each method)", items))
+    if items:
+        s["blocks"].append(_gallery("Maps (columns: the image, then each method)", items))
 
-    metrics = _depth_frame(have, "saliency", "metrics")
-    if not metrics.empty:
-        agg = (metrics.groupby(["run", "method"], sort=False)
-               [["deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random"]].mean().reset_index())
-        agg["beats random (deletion)"] = agg["deletion_auc"] < agg["deletion_auc_random"]
-        agg["beats random (insertion)"] = agg["insertion_auc"] > agg["insertion_auc_random"]
-        s["blocks"].append(_table("Deletion and insertion AUC (means over probe images) against the random order", agg))
+    rows, road, rnd_rows = [], [], []
+    for r in have:
+        m = r.metrics["saliency"]
+        for method in saliency_methods(m):
+            v = m[method]
+            row = {"run": r.label, "method": method}
+            for kind, sign, better in (("deletion", -1, "lower"), ("insertion", 1, "higher")):
+                c = v.get(f"{kind}_vs_random")
+                words = verdict(c, "beats random", "worse than random", "not distinguishable from random", sign)
+                row[f"{kind} AUC"] = v.get(f"{kind}_auc")
+                row[f"{kind} AUC, random orders"] = v.get(f"{kind}_auc_random")
+                row[f"{kind} − random [95% CI], p"] = fmt_comparison(c) if c else "no test (rerun probe saliency)"
+                row[f"{kind}"] = words
+                s["claims"].append(claim("saliency", r.label, f"{method} {kind} AUC against random pixel orders",
+                                         words, c, better=f"{better} than random"))
+            rows.append(row)
+            if "road_lerf_vs_morf" in v or "road_morf_auc" in v:
+                c = v.get("road_lerf_vs_morf")
+                words = verdict(c, "most-relevant-first removal hurts more", "least-relevant-first removal hurts more",
+                                "MoRF and LeRF not distinguishable")
+                road.append({"run": r.label, "method": method, "MoRF AUC": v.get("road_morf_auc"),
+                             "LeRF AUC": v.get("road_lerf_auc"), "LeRF − MoRF [95% CI], p": fmt_comparison(c),
+                             "ROAD": words})
+                s["claims"].append(claim("saliency", r.label, f"{method} ROAD LeRF minus MoRF", words, c))
+            e = v.get("emprt_complexity_rise")
+            sp = {k: v.get(k) for k in ("spearman_randomised", "spearman_randomised_informative", "ssim_randomised")}
+            if e is not None or any(x is not None for x in sp.values()):
+                words = verdict(e, "map changes with the weights (complexity rises)", "complexity falls",
+                                "not distinguishable from the trained map's complexity") if e is not None else "not run"
+                rnd_rows.append({"run": r.label, "method": method, "Spearman after randomisation": sp["spearman_randomised"],
+                                 "Spearman, informative pixels": sp["spearman_randomised_informative"],
+                                 "SSIM after randomisation": sp["ssim_randomised"],
+                                 "eMPRT complexity rise [95% CI], p": fmt_comparison(e) if e is not None else "not run",
+                                 "eMPRT": words})
+                if e is not None:
+                    s["claims"].append(claim("saliency", r.label, f"{method} eMPRT complexity rise", words, e))
+    if rows:
+        s["blocks"].append(_table("Deletion and insertion AUC (means over the probe images of the true class, as in "
+                                  "saliency/metrics.json) against random pixel orders", pd.DataFrame(rows)))
+    if road:
+        s["blocks"].append(_table("ROAD (Rong et al. 2022): accuracy-curve AUC removing the most (MoRF) and least (LeRF) "
+                                  "relevant pixels first with noisy linear imputation; a faithful map has LeRF > MoRF",
+                                  pd.DataFrame(road)))
+    if rnd_rows:
+        s["blocks"].append(_table("Parameter randomisation: rank correlation and SSIM of each map with the map after "
+                                  "randomising every layer (Adebayo et al. 2018; 'informative pixels' leaves out pixels "
+                                  "that are zero in every map), and eMPRT (Hedström et al. 2023): the rise in the map's "
+                                  "complexity when the weights are randomised", pd.DataFrame(rnd_rows)))
+    for r in have:
+        s["blocks"].extend(_ranking_blocks(s, r))
+
     rnd = _depth_frame(have, "saliency", "randomisation")
     if not rnd.empty:
+        if "target_kind" in rnd.columns:
+            rnd = rnd[rnd["target_kind"] == "true"]
         methods = list(dict.fromkeys(rnd["method"]))
         fig, axes = plt.subplots(1, len(methods), figsize=(3.3 * len(methods), 3.2), squeeze=False, sharey=True)
         for ax, m in zip(axes[0], methods):
@@ -293,36 +404,131 @@ def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
             ax.axhline(0, color="grey", lw=0.8)
         axes[0][0].set_ylabel("Spearman rank correlation with the original map")
         fig.tight_layout()
-        s["blocks"].append(_figure("Model-parameter randomisation (Adebayo et al. 2018): rank correlation of |map| "
-                                   "as layers are re-initialised from the output down", fig))
+        s["blocks"].append(_figure("Model-parameter randomisation (Adebayo et al. 2018): mean rank correlation of |map| "
+                                   "over the true-class rows as layers are re-initialised from the output down", fig))
     return s
+
+
+def _ranking_blocks(s: dict, r: RunData) -> list[dict]:
+    """Per run: each metric's order of the methods, and the pairs on whose order every metric agrees."""
+    table = r.table("saliency", "metrics")
+    if table is None or "method" not in table.columns:
+        return []
+    values = ranking.per_image(table)
+    if len(values) < 2:
+        return []
+    pairs = ranking.rank_pairs(values)
+    if not pairs:
+        return []
+    m = r.metrics["saliency"]
+    methods = sorted(set.intersection(*(set(v) for v in values.values())))
+    metric_sign = {x.name: x.sign for x in ranking.METRICS}
+    ranks = pd.DataFrame({"method": methods})
+    for metric, per_method in values.items():
+        means = pd.Series({k: float(per_method[k].mean()) for k in methods})
+        ranks[f"{metric} rank"] = (-metric_sign[metric] * means).rank(method="min").astype(int).to_numpy()
+    blocks = [_table(f"{r.label}: methods ranked by each faithfulness metric (1 = most faithful by that metric's mean "
+                     "over the probe images)", ranks)]
+    order = ranking.total_order(methods, pairs)
+    agreed = [p for p in pairs if p.agreed]
+    disagree = [p for p in pairs if {1, -1} <= set(p.directions.values())]
+    used = ", ".join(values)
+    if order:
+        text = f"{r.label}: every metric ({used}) orders every pair of methods the same way, distinguishably: " \
+               + " > ".join(order) + "."
+    else:
+        text = (f"{r.label}: no ranking of all methods — the metrics ({used}) agree, distinguishably, on "
+                f"{len(agreed)} of {len(pairs)} pairs" + (": " + "; ".join(
+                    f"{p.a if p.agreed == 1 else p.b} > {p.b if p.agreed == 1 else p.a}" for p in agreed) if agreed else "")
+                + f". They disagree on {len(disagree)} pair{'s' if len(disagree) != 1 else ''}"
+                + (": " + "; ".join(f"{p.a} vs {p.b}" for p in disagree) if disagree else "")
+                + "; the other pairs are not distinguishable by at least one metric.")
+    blocks.append({"kind": "text", "text": text})
+    rows = []
+    for p in pairs:
+        row = {"method a": p.a, "method b": p.b}
+        for metric in values:
+            row[f"{metric}: a − b [95% CI], p"] = fmt_comparison(p.tests[metric].to_dict()) if metric in p.tests else "-"
+        row["verdict"] = p.verdict
+        rows.append(row)
+        s["claims"].append(claim("saliency", r.label, f"faithfulness order of {p.a} and {p.b}", p.verdict, None,
+                                 tests={k: c.to_dict() for k, c in p.tests.items()}))
+    blocks.append(_table(f"{r.label}: pairwise differences of the methods (paired over the probe images, Holm over the "
+                         "pairs within each metric); an order is stated only where every metric agrees",
+                         pd.DataFrame(rows)) | {"collapsed": True})
+    return blocks
 
 
 # 7. synthesis --------------------------------------------------------------------------------------
 
+def out_activation(r: RunData) -> list[dict]:
+    """Per layer, the fraction of channels whose image out-activates the best dataset image, at the spatial
+    mean and at the unit's peak, as Estimates: read from synthesis/metrics.json where it holds them,
+    else counted from metrics.parquet with Wilson's interval."""
+    m = r.metrics.get("synthesis", {})
+    rows: dict[str, dict] = {}
+    for path, e in estimates(m):
+        if not any("out_activ" in p for p in path) or path[-1] in ("all", "k", "n"):
+            continue
+        where = "peak" if any("peak" in p for p in path) else "mean"
+        rows.setdefault(path[-1], {"layer": path[-1]})[where] = e
+    if rows:
+        return list(rows.values())
+    df = r.table("synthesis", "metrics")
+    if df is None or "kind" not in df.columns:
+        return []
+    ch = df[df["kind"] == "channel"]
+    out = []
+    for layer, g in ch.groupby("layer", sort=False):
+        row = {"layer": str(layer)}
+        for where, col in (("mean", "out_activates_mean" if "out_activates_mean" in g else "out_activates"),
+                           ("peak", "out_activates_peak")):
+            if col in g and g[col].notna().any():
+                v = g[col].dropna().astype(bool)
+                row[where] = proportion_interval(int(v.sum()), len(v)).to_dict()
+        out.append(row)
+    return out
+
+
 def synthesis(runs: list[RunData]) -> dict:
     s = _section("synthesis", "Maximum-response synthesis",
                  "Images optimised to maximise a channel (one per channel, whole layers at once) or a class, and Deep "
-                 "Dream. The ratio compares the activation an image reaches with that of the best dataset image.")
+                 "Dream. A channel's image out-activates when its activation exceeds that of the best dataset image "
+                 "(the unit's top exemplar), compared at the spatial mean of the channel and at its peak position; "
+                 "fractions are over the layer's channels with Wilson's 95% interval. The margin is the image's "
+                 "activation minus the best dataset image's (a ratio means nothing where that is ≤ 0).")
     have = _need(s, runs, "synthesis")
     if not have:
         return s
-    rows, items = [], []
+    rows, items, classes = [], [], []
     for r in have:
         df = r.table("synthesis", "metrics")
-        ch = df[df["kind"] == "channel"]
-        for layer, g in ch.groupby("layer", sort=False):
-            rows.append({"run": r.label, "layer": layer, "channels": len(g),
-                         "out-activate best image": float(g["out_activates"].mean()),
-                         "median ratio": float(g["ratio"].median())})
-        cls = df[df["kind"] == "class"]
-        if len(cls):
-            rows.append({"run": r.label, "layer": "classes", "channels": len(cls),
-                         "out-activate best image": np.nan, "median ratio": np.nan,
-                         "mean class probability": float(cls["probability"].mean()),
-                         "min class probability": float(cls["probability"].min())})
+        ch = df[df["kind"] == "channel"] if df is not None else pd.DataFrame()
+        for row in out_activation(r):
+            layer = row["layer"]
+            g = ch[ch["layer"] == layer] if len(ch) else ch
+            out = {"run": r.label, "layer": layer}
+            for where, what in (("mean", "at the spatial mean"), ("peak", "at the peak")):
+                e = row.get(where)
+                out[f"out-activate best image, {what} [95% CI]"] = fmt_estimate(e) if e else "not measured"
+                if e:
+                    s["claims"].append(claim("synthesis", r.label, f"{layer}: fraction of channels whose image "
+                                             f"out-activates the best dataset image {what}", "fraction", e))
+            for col, name in (("margin_mean", "median margin (mean)"), ("margin", "median margin (mean)"),
+                              ("margin_peak", "median margin (peak)")):
+                if col in g.columns and name not in out:
+                    out[name] = float(g[col].median())
+            rows.append(out)
+        cls = df[df["kind"] == "class"] if df is not None else pd.DataFrame()
+        if len(cls) and "probability" in cls:
+            classes.append({"run": r.label, "class images": len(cls), "mean probability": float(cls["probability"].mean()),
+                            "min probability": float(cls["probability"].min()),
+                            "predicted as their class": f"{int((cls['predicted'] == cls['class']).sum())} of {len(cls)}"
+                            if "predicted" in cls else ""})
         z = r.arrays("synthesis", "images")
-        for layer in ch["layer"].unique():
+        if z is None:
+            continue
+        for layer in ch["layer"].unique() if len(ch) else []:
             idx = ch.index[ch["layer"] == layer].to_numpy()
             imgs = z["channel"][ch.loc[idx, "image"].to_numpy()][:32]
             items.append((f"{r.label}: {layer}", grid_uri(imgs, cols=8, scale=2)))
@@ -333,9 +539,14 @@ def synthesis(runs: list[RunData]) -> dict:
             strip = np.concatenate([z["dream_source"], z["dream"], z["zoom"]] if "zoom" in z.files else
                                    [z["dream_source"], z["dream"]])
             items.append((f"{r.label}: Deep Dream (sources, dreams, zoom frames)", grid_uri(strip, cols=len(z["dream"]), scale=2)))
-    s["blocks"].append(_table("Per layer: fraction of channels whose image out-activates the best dataset image",
-                              pd.DataFrame(rows)))
-    s["blocks"].append(_gallery("Synthetic images", items))
+    if rows:
+        s["blocks"].append(_table("Per layer: fraction of channels whose image out-activates the best dataset image",
+                                  pd.DataFrame(rows)))
+    if classes:
+        s["blocks"].append(_table("Class images: softmax probability of the class each image was optimised for",
+                                  pd.DataFrame(classes)))
+    if items:
+        s["blocks"].append(_gallery("Synthetic images", items))
     return s
 
 
@@ -366,6 +577,23 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         ax.set_xlabel("shift (pixels)")
         ax.set_ylim(-0.02, 1.02)
         s["blocks"].append(_figure("Shift robustness of predictions", fig))
+    rows = []
+    for r in have:
+        found = [(p, e) for p, e in estimates(r.metrics["geometry"]) if any("surviv" in x for x in p)]
+        for path, e in found:
+            what = " ".join(x for x in path if x != "survival") or "survival"
+            kn = counts(e)
+            rows.append({"run": r.label, "shift": what, "predictions unchanged": f"{kn[0]} of {kn[1]}" if kn else "",
+                         "fraction surviving [95% CI]": fmt_estimate(e)})
+            s["claims"].append(claim("geometry", r.label, f"predictions that survive {what}", "fraction", e))
+        if not found:
+            plain = {k: v for k, v in r.metrics["geometry"].get("survival", {}).items() if k.startswith("shift")}
+            for k, v in plain.items():
+                rows.append({"run": r.label, "shift": k, "predictions unchanged": "",
+                             "fraction surviving [95% CI]": f"{num(v)} (no interval: rerun probe geometry)"})
+    if rows:
+        s["blocks"].append(_table("Predictions unchanged by a shift of the input (Wilson 95% interval over the probe "
+                                  "images)", pd.DataFrame(rows)))
     erf = _depth_frame(have, "geometry", "erf")
     if not erf.empty:
         d = erf[erf["input"] == erf["input"].iloc[0]]
@@ -393,45 +621,174 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
     return s
 
 
-# 9. sweeps -----------------------------------------------------------------------------------------
+# 9. trained against random initialisation -------------------------------------------------------------
 
-def headline(run: RunData) -> dict:
-    """The scalar numbers of every stage's metrics.json, as ``stage.key``."""
-    out = {}
-    for stage, m in run.metrics.items():
-        for k, v in m.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-                out[f"{stage}.{k}"] = float(v)
+def epochs(r: RunData):
+    return r.card.get("train", {}).get("epochs", r.card.get("metrics", {}).get("epochs"))
+
+
+def untrained(r: RunData) -> bool:
+    return epochs(r) == 0 or r.label == f"{r.model}_random" or r.path.name == f"{r.model}_random"
+
+
+def baseline_pairs(runs: list[RunData]) -> list[tuple[RunData, RunData]]:
+    """(trained, untrained) pairs on the page: the same model and dataset, one trained for 0 epochs (or named
+    ``<model>_random``); a trained run is paired with the untrained run of its own seed where there is one."""
+    out = []
+    for t in runs:
+        if untrained(t):
+            continue
+        cands = [r for r in runs if untrained(r) and r.model == t.model and r.card["data"]["name"] == t.card["data"]["name"]]
+        if cands:
+            same_seed = [r for r in cands if r.card.get("seed") == t.card.get("seed")]
+            out.append((t, (same_seed or cands)[0]))
     return out
 
 
+def _dead_counts(r: RunData) -> tuple[int, int, list[str]] | None:
+    """(dead units, units, covered layers) from activations/metrics.json."""
+    m = r.metrics.get("activations", {})
+    dead, units = m.get("dead_units"), m.get("units")
+    if isinstance(dead, dict) and isinstance(units, dict):
+        layers = [k for k in dead if k in units]
+        return int(sum(dead[k] for k in layers)), int(sum(units[k] for k in layers)), layers
+    return None
+
+
+def baseline(runs: list[RunData]) -> dict | None:
+    pairs = baseline_pairs(runs)
+    if not pairs:
+        return None
+    s = _section("baseline", "Trained against random initialisation",
+                 "What training changed, each difference with its 95% interval and p: dead units (a proportion of the "
+                 "units of the rectified layers, Newcombe's interval and Fisher's exact test), sparsity (paired over "
+                 "layers), each saliency method's advantage over random pixel orders (paired over the same probe "
+                 "images), the fraction of channels whose synthetic image out-activates the best dataset image and the "
+                 "fraction of predictions surviving a shift (proportions). Holm-adjusted over each pair's family.")
+    for t, u in pairs:
+        tests: list[tuple[str, str, object]] = []  # (measure, detail, Comparison)
+        dt, du = _dead_counts(t), _dead_counts(u)
+        if dt and du:
+            tests.append(("dead units", f"{dt[0]} of {dt[1]} vs {du[0]} of {du[1]} units in {', '.join(dt[2])}",
+                          proportions_comparison(dt[0], dt[1], du[0], du[1])))
+        st, su = t.metrics.get("activations", {}).get("sparsity"), u.metrics.get("activations", {}).get("sparsity")
+        if isinstance(st, dict) and isinstance(su, dict):
+            common = [k for k in st if k in su and st[k] is not None and su[k] is not None]
+            if len(common) >= 2:
+                tests.append(("sparsity", f"paired over {len(common)} layers",
+                              paired_comparison([st[k] for k in common], [su[k] for k in common])))
+        mt, mu = t.table("saliency", "metrics"), u.table("saliency", "metrics")
+        if mt is not None and mu is not None:
+            for kind in ("deletion", "insertion"):
+                col, rcol = f"{kind}_auc", f"{kind}_auc_random"
+                if col not in mt or rcol not in mt or col not in mu or rcol not in mu:
+                    continue
+                a = mt[mt["target_kind"] == "true"].assign(e=lambda d: d[col] - d[rcol])
+                b = mu[mu["target_kind"] == "true"].assign(e=lambda d: d[col] - d[rcol])
+                for method in sorted(set(a["method"]) & set(b["method"])):
+                    x = a[a["method"] == method].set_index("image")["e"]
+                    y = b[b["method"] == method].set_index("image")["e"]
+                    common = x.index.intersection(y.index)
+                    if len(common) >= 2:
+                        tests.append((f"{method}: {kind} AUC − random orders", f"paired over {len(common)} probe images",
+                                      paired_comparison(x.loc[common].to_numpy(), y.loc[common].to_numpy())))
+        ot = {row["layer"]: row for row in out_activation(t)} if t.has("synthesis") else {}
+        ou = {row["layer"]: row for row in out_activation(u)} if u.has("synthesis") else {}
+        for layer in [k for k in ot if k in ou]:
+            for where in ("mean", "peak"):
+                ct, cu = counts(ot[layer].get(where) or {}), counts(ou[layer].get(where) or {})
+                if ct and cu:
+                    tests.append((f"{layer}: channels out-activating the best image ({where})",
+                                  f"{ct[0]} of {ct[1]} vs {cu[0]} of {cu[1]}", proportions_comparison(*ct, *cu)))
+        gt = dict((" ".join(p), e) for p, e in estimates(t.metrics.get("geometry", {})) if any("surviv" in x for x in p))
+        gu = dict((" ".join(p), e) for p, e in estimates(u.metrics.get("geometry", {})) if any("surviv" in x for x in p))
+        for key in [k for k in gt if k in gu]:
+            ct, cu = counts(gt[key]), counts(gu[key])
+            if ct and cu:
+                tests.append((f"predictions surviving ({key})", f"{ct[0]} of {ct[1]} vs {cu[0]} of {cu[1]}",
+                              proportions_comparison(*ct, *cu)))
+        if not tests:
+            s["blocks"].append({"kind": "text", "text": f"{t.label} against {u.label}: no measure both runs have."})
+            continue
+        adjusted = adjust([c for _, _, c in tests])
+        rows = []
+        for (measure, detail, _), c in zip(tests, adjusted):
+            d = c.to_dict()
+            words = verdict(d, "trained differs from random", "trained differs from random",
+                            "not distinguishable from random initialisation")
+            rows.append({"measure": measure, "counts / pairing": detail,
+                         f"{t.label} − {u.label} [95% CI], p": fmt_comparison(d), "verdict": words})
+            s["claims"].append(claim("baseline", t.label, f"{measure}: {t.label} against {u.label}", words, d))
+        s["blocks"].append(_table(f"{t.label} (trained, {epochs(t)} epochs) against {u.label} (untrained)",
+                                  pd.DataFrame(rows)))
+    return s
+
+
+# 10. sweeps ----------------------------------------------------------------------------------------
+
+headline = collect_headline
+
+
+def _group_label(members: list[RunData], between: list[str]) -> str:
+    r = members[0]
+    parts = [r.model, r.card["data"]["name"], f"{epochs(r)} epochs"]
+    parts += [f"{k}={r.config.get(k)}" for k in between]
+    return ", ".join(parts)
+
+
 def sweeps(runs: list[RunData], colours: dict) -> dict | None:
-    """Runs that share a model and dataset and differ only in swept keys: mean +- std and the spread."""
-    groups: dict[tuple, list[RunData]] = {}
-    for r in runs:
-        groups.setdefault((r.model, r.card["data"]["name"]), []).append(r)
-    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    """Runs that share their whole resolved config but the seed, aggregated: every headline number of every
+    stage with mean, std, n and Student's 95% t interval of the mean."""
+    groups = [g for g in seed_groups(runs) if len(g) > 1]
     if not groups:
         return None
-    s = _section("sweeps", "Sweeps", "Runs of the same model on the same data, aggregated over what was swept "
-                 "(mean ± std, n runs); the figure shows every run.")
-    rows, points = [], []
-    for (model, dataset), members in groups.items():
-        swept = differing_keys(members)
+    s = _section("sweeps", "Sweeps",
+                 "Runs whose resolved configuration is the same but for the seed (and where or how they ran: device, "
+                 "data folder, workers) are repeats of one experiment and are aggregated here; runs with a different "
+                 "model, dataset, number of epochs or any other key are never aggregated together. Each number is "
+                 "the mean over the runs with its standard deviation, n and the 95% t interval of the mean.")
+    s["aggregates"] = []
+    ignore = {"model.name", "data.name", "train.epochs"}
+    between = [k for k in differing_keys([g[0] for g in groups]) if k not in ignore and k not in SEED_KEYS
+               and k not in RUNTIME_KEYS] if len(groups) > 1 else []
+    summary, rows, points = [], [], []
+    for members in groups:
+        label = _group_label(members, between)
         nums = pd.DataFrame([headline(r) for r in members])
-        row = {"model": model, "dataset": dataset, "n": len(members), "swept": ", ".join(swept) or "-"}
-        for col in [c for c in nums.columns if c.startswith("train.test_acc") or c.endswith("_mean")
-                    or c in ("saliency.saliency.deletion_auc",)][:6]:
-            vals = nums[col].dropna()
-            row[col] = f"{vals.mean():.4f} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.4f}"
-        rows.append(row)
+        within = [k for k in differing_keys(members) if k not in RUNTIME_KEYS]
+        summary.append({"experiment": label, "n": len(members), "runs": ", ".join(r.label for r in members),
+                        "varied": ", ".join(within) or "-",
+                        "test accuracy": _agg(nums.get("train.test_acc"))["interval"]})
+        for col in nums.columns:
+            a = _agg(nums[col])
+            if a["n"]:
+                rows.append({"experiment": label, "metric": col, **{k: v for k, v in a.items() if k != "estimate"}})
+                s["aggregates"].append({"experiment": label, "runs": [r.label for r in members], "metric": col,
+                                        "mean": a["mean"], "std": a["std"], "n": a["n"], "interval": a["estimate"]})
         for r in members:
-            points.append({"model": model, "run": r.label, "test accuracy": r.card["metrics"].get("test_acc")})
-    s["blocks"].append(_table("Aggregates", pd.DataFrame(rows)))
-    pts = pd.DataFrame(points)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    sns.stripplot(pts, x="model", y="test accuracy", ax=ax, size=7, jitter=0.1)
-    sns.pointplot(pts, x="model", y="test accuracy", ax=ax, errorbar="sd", color="black", markers="_", linestyles="none")
-    ax.set_title("Test accuracy of every run (dots) with mean ± std")
-    s["blocks"].append(_figure("Spread over the sweep", fig))
+            points.append({"experiment": label, "run": r.label, "test accuracy": r.card["metrics"].get("test_acc")})
+    s["blocks"].append(_table("Experiments repeated over seeds", pd.DataFrame(summary)))
+    s["blocks"].append(_table("Every headline number of every stage, aggregated over the seeds of each experiment",
+                              pd.DataFrame(rows)) | {"collapsed": len(rows) > 40})
+    pts = pd.DataFrame(points).dropna()
+    if not pts.empty:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        sns.stripplot(pts, x="experiment", y="test accuracy", ax=ax, size=7, jitter=0.1)
+        sns.pointplot(pts, x="experiment", y="test accuracy", ax=ax, errorbar=("ci", 95), color="black", markers="_",
+                      linestyles="none")
+        ax.set_title("Test accuracy of every run (dots) with the mean")
+        ax.tick_params(axis="x", labelsize=8)
+        s["blocks"].append(_figure("Spread over the seeds of each experiment (black: mean; bootstrap 95% interval of "
+                                   "seaborn, for the eye only: the tables give the t interval)", fig))
     return s
+
+
+def _agg(values) -> dict:
+    """mean, std, n and the 95% t interval of the finite values."""
+    v = pd.Series([] if values is None else values, dtype=float).dropna()
+    v = v[np.isfinite(v)]
+    if v.empty:
+        return {"mean": None, "std": None, "n": 0, "interval": "no values", "estimate": None}
+    e = mean_interval(v.to_numpy())
+    return {"mean": e.value, "std": float(v.std(ddof=1)) if len(v) > 1 else None, "n": len(v),
+            "interval": fmt_estimate(e.to_dict()), "estimate": e.to_dict()}

@@ -8,6 +8,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from probe.report import sections
+from probe.report.claims import FILTERS
 from probe.report.collect import differing_keys, find_run_dirs, load_runs
 from probe.report.config import ReportStage
 from probe.report.figures import palette
@@ -29,11 +30,13 @@ def render(cfg: ReportStage) -> tuple[str, dict]:
         sections.saliency(runs, colours, cfg.images),
         sections.synthesis(runs),
         sections.geometry(runs, colours),
+        sections.baseline(runs),
         sections.sweeps(runs, colours),
     ]
     parts = [p for p in parts if p is not None]
     env = Environment(loader=PackageLoader("probe.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
                       trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(FILTERS)
     html = env.get_template("report.html.j2").render(name=cfg.name, runs=[r.label for r in runs], sections=parts)
     numbers = {
         "name": cfg.name,
@@ -43,6 +46,10 @@ def render(cfg: ReportStage) -> tuple[str, dict]:
         "missing": {p["id"]: p["missing"] for p in parts if p["missing"]},
         "tables": {p["id"]: [{"caption": b["caption"], "columns": b["columns"], "rows": b["rows"]}
                              for b in p["blocks"] if b["kind"] == "table"] for p in parts},
+        "texts": {p["id"]: [b["text"] for b in p["blocks"] if b["kind"] == "text"] for p in parts},
+        # every comparison the page states, with the Comparison / Estimate behind it
+        "claims": [c for p in parts for c in p["claims"]],
+        "aggregates": [a for p in parts for a in p.get("aggregates", [])],
     }
     return html, numbers
 
