@@ -13,7 +13,6 @@ from PIL import Image
 from probe.cli import main
 
 SECTIONS = ["overview", "architecture", "filters", "feature-maps", "distributions", "saliency", "synthesis", "geometry"]
-pytestmark = pytest.mark.slow
 
 
 class Page(HTMLParser):
@@ -41,6 +40,7 @@ def _report(tmp_path, *args) -> tuple[str, dict]:
     return (folder / "index.html").read_text(), json.loads((folder / "report.json").read_text())
 
 
+@pytest.mark.slow
 def test_complete_runs_give_every_section_with_valid_images(complete_runs, tmp_path):
     html, numbers = _report(tmp_path, f"runs=[{complete_runs[0]},{complete_runs[1]}]")
     page = Page(html)
@@ -58,12 +58,14 @@ def test_complete_runs_give_every_section_with_valid_images(complete_runs, tmp_p
     assert "sweeps" in page.ids
 
 
+@pytest.mark.slow
 def test_same_inputs_give_identical_bytes(complete_runs, tmp_path):
     a, _ = _report(tmp_path / "a", f"runs=[{complete_runs[0]}]")
     b, _ = _report(tmp_path / "b", f"runs=[{complete_runs[0]}]")
     assert a == b
 
 
+@pytest.mark.slow
 def test_missing_artefacts_are_named_with_the_command(complete_runs, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(complete_runs[0], bare)
@@ -74,6 +76,7 @@ def test_missing_artefacts_are_named_with_the_command(complete_runs, tmp_path):
     assert "filters" not in numbers["missing"]
 
 
+@pytest.mark.slow
 def test_markup_in_names_and_config_is_escaped(complete_runs, tmp_path):
     evil = tmp_path / "<script>alert(1)</script>"
     shutil.copytree(complete_runs[0], evil)
@@ -94,6 +97,7 @@ def test_no_runs_and_bad_run_dirs_exit_2(tmp_path, capsys):
     assert not (tmp_path / "default").exists()
 
 
+@pytest.mark.slow
 def test_a_sweep_of_two_models_and_two_seeds_is_aggregated(tmp_path):
     sweep = tmp_path / "sweep"
     code = main(["train", "-m", "model=tiny_cnn,resnet_small", "seed=0,1", "data.image_size=16", "train.epochs=1",
@@ -105,16 +109,16 @@ def test_a_sweep_of_two_models_and_two_seeds_is_aggregated(tmp_path):
         assert (d / "model.safetensors").is_file() and (d / "metrics.json").is_file()
     html, numbers = _report(tmp_path, f"sweep={sweep}")
     agg = numbers["tables"]["sweeps"][0]
-    assert agg["columns"][:4] == ["model", "dataset", "n", "swept"]
-    assert sorted(r[0] for r in agg["rows"]) == ["resnet_small", "tiny_cnn"]
-    assert all(r[2] == "2" and r[3] == "seed" for r in agg["rows"])
-    assert "±" in html
+    assert agg["columns"][:4] == ["experiment", "n", "runs", "varied"]
+    assert sorted(r[0].split(",")[0] for r in agg["rows"]) == ["resnet_small", "tiny_cnn"]
+    assert all(r[1] == "2" and r[3] == "seed" for r in agg["rows"])
 
 
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(complete_runs, tmp_path):
     if _chromium() is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
@@ -139,3 +143,182 @@ def test_report_in_headless_chromium(complete_runs, tmp_path):
     assert errors == [] and failed == []
     assert n_images >= 10 and broken == 0
     assert Image.open(tmp_path / "report.png").size[0] == 1400
+
+
+# Fast tests on hand-made run dirs: only the files each section reads ------------------------------------------
+
+import math  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from probe.report import claims as C  # noqa: E402
+from probe.report import ranking, sections  # noqa: E402
+from probe.report.collect import headline, load_runs, seed_groups  # noqa: E402
+from probe.uncertainty import Comparison, paired_comparison, proportion_interval  # noqa: E402
+
+LAYERS = [{"name": "conv1", "type": "Conv2d", "output_shape": [4, 8, 8], "params": 40},
+          {"name": "relu1", "type": "ReLU", "output_shape": [4, 8, 8], "params": 0}]
+
+
+def _run_dir(root, name, *, model="lenet5", dataset="digits", epochs=20, seed=0, lr=0.001, test_acc=0.9,
+             stage_metrics=None):
+    """A run dir with card.json, config.yaml and the given ``stage -> metrics.json`` (no weights)."""
+    d = root / name
+    d.mkdir(parents=True)
+    card = {"card_version": 1, "run_name": name, "seed": seed, "params_total": 40, "layers": LAYERS,
+            "model": {"name": model, "weights": None}, "train": {"epochs": epochs, "lr": lr},
+            "data": {"name": dataset, "image_size": 8},
+            "metrics": {"epochs": epochs, "test_acc": test_acc}}
+    (d / "card.json").write_text(json.dumps(card))
+    (d / "config.yaml").write_text(
+        f"data:\n  name: {dataset}\n  image_size: 8\n  num_workers: 0\nmodel:\n  name: {model}\n"
+        f"train:\n  epochs: {epochs}\n  lr: {lr}\nseed: {seed}\ndevice: auto\nrun_dir: {d}\n")
+    for stage, m in (stage_metrics or {}).items():
+        (d / stage).mkdir()
+        (d / stage / "metrics.json").write_text(json.dumps(m))
+    return d
+
+
+def _cmp(effect, low, high, p, n=10, p_adjusted=None):
+    return Comparison(effect, low, high, p, n, "sign-flip permutation", p_adjusted=p_adjusted).to_dict()
+
+
+def test_formatters_write_the_interval_and_p_of_an_independent_computation():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.2, 0.05, 16), rng.normal(0.7, 0.05, 16)
+    c = paired_comparison(a, b).to_dict()
+    d = a - b
+    half = stats.t.ppf(0.975, 15) * d.std(ddof=1) / math.sqrt(16)  # textbook t interval, computed here
+    text = C.fmt_comparison(c)
+    dec = 1 - math.floor(math.log10(half))  # two significant digits of the half-width
+    assert text == (f"{d.mean():.{dec}f} [{d.mean() - half:.{dec}f}, {d.mean() + half:.{dec}f}], "
+                    f"p < 0.001, n = 16").replace("-", "\u2212")  # every sign of these 16 pairs is -: p = 2 / 2^16
+    # Wilson's interval for 3 of 10 is [0.108, 0.603] (Brown, Cai & DasGupta 2001, table of examples)
+    assert C.fmt_estimate(proportion_interval(3, 10).to_dict()) == "0.30 [0.11, 0.60], n = 10"
+    assert C.fmt_comparison({**c, "p_adjusted": 0.0312}).endswith("p = 0.031 (Holm), n = 16")
+    assert C.fmt_comparison(None) == "not tested"
+    assert C.fmt_estimate({"value": 0.5, "low": None, "high": None, "n": 1}) == "0.5 [interval undefined], n = 1"
+
+
+def test_verdicts_follow_the_adjusted_p_and_the_sign():
+    good = _cmp(-0.4, -0.5, -0.3, 0.001, p_adjusted=0.004)
+    assert C.verdict(good, "beats random", "worse than random", "not distinguishable", sign=-1) == "beats random"
+    assert C.verdict(good, "beats random", "worse than random", "not distinguishable", sign=1) == "worse than random"
+    # significant alone, not after Holm: not distinguishable
+    weak = _cmp(-0.4, -0.5, -0.3, 0.01, p_adjusted=0.2)
+    assert C.verdict(weak, "beats random", "worse", "not distinguishable", sign=-1) == "not distinguishable"
+
+
+def _saliency_run(root, name, true_del, true_ins, target="logit"):
+    """saliency/metrics.parquet with true-class rows and extra predicted-class rows that would change any mean
+    taken over all rows; metrics.json holds the true-class means and comparisons."""
+    rows = []
+    for method, (dl, ins) in {"saliency": (true_del, true_ins), "occlusion": (true_del - 0.2, true_ins + 0.2)}.items():
+        for i in range(10):
+            rows.append({"method": method, "item": i, "image": i, "target_kind": "true", "deletion_auc": dl + 0.01 * i,
+                         "insertion_auc": ins - 0.01 * i, "deletion_auc_random": 0.5, "insertion_auc_random": 0.5})
+        for i in range(3):  # misclassified images: predicted-class rows, far from the true-class ones
+            rows.append({"method": method, "item": 10 + i, "image": i, "target_kind": "predicted", "deletion_auc": 0.99,
+                         "insertion_auc": 0.01, "deletion_auc_random": 0.5, "insertion_auc_random": 0.5})
+    df = pd.DataFrame(rows)
+    metrics = {"target": target, "gradcam_layer": "relu1"}
+    for method, g in df[df.target_kind == "true"].groupby("method"):
+        metrics[method] = {k: float(g[k].mean()) for k in ("deletion_auc", "insertion_auc", "deletion_auc_random",
+                                                              "insertion_auc_random")}
+    metrics["saliency"]["deletion_vs_random"] = _cmp(-0.2, -0.3, -0.1, 0.002, p_adjusted=0.008)
+    metrics["saliency"]["insertion_vs_random"] = _cmp(0.01, -0.05, 0.07, 0.6, p_adjusted=1.0)
+    metrics["occlusion"]["deletion_vs_random"] = _cmp(-0.4, -0.5, -0.3, 0.002, p_adjusted=0.008)
+    metrics["occlusion"]["insertion_vs_random"] = _cmp(-0.2, -0.3, -0.1, 0.002, p_adjusted=0.008)
+    d = _run_dir(root, name, stage_metrics={"saliency": metrics})
+    df.to_parquet(d / "saliency" / "metrics.parquet", index=False)
+    return d, df
+
+
+def test_saliency_table_is_metrics_json_of_the_true_class_rows_with_its_comparisons(tmp_path):
+    d, df = _saliency_run(tmp_path, "trained", 0.3, 0.7)
+    html, numbers = _report(tmp_path, f"runs=[{d}]")
+    table = numbers["tables"]["saliency"][0]
+    rows = {r[1]: dict(zip(table["columns"], r)) for r in table["rows"]}
+    true = df[df.target_kind == "true"].groupby("method")["deletion_auc"].mean()  # the definition, recomputed here
+    every = df.groupby("method")["deletion_auc"].mean()  # the old, wrong average over all rows
+    for method in ("saliency", "occlusion"):
+        shown = float(rows[method]["deletion AUC"])
+        assert shown == pytest.approx(true[method], abs=1e-3) and abs(shown - every[method]) > 0.05
+    assert rows["saliency"]["deletion"] == "beats random"
+    assert rows["saliency"]["insertion"] == "not distinguishable from random"
+    assert rows["occlusion"]["insertion"] == "worse than random"
+    assert rows["saliency"]["deletion − random [95% CI], p"] == "\u22120.20 [\u22120.30, \u22120.10], p = 0.008 (Holm), n = 10"
+    assert "True" not in json.dumps(table["rows"]) and "False" not in json.dumps(table["rows"])
+    assert "the logit (pre-softmax score) of the true class" in html and "Grad-CAM on relu1" in html
+    stated = {(c["subject"], c["statement"]): c for c in numbers["claims"] if c["section"] == "saliency"}
+    c = stated[("saliency insertion AUC against random pixel orders", "not distinguishable from random")]
+    assert c["stat"]["p_adjusted"] == 1.0 and c["stat"]["low"] == -0.05
+    assert "not distinguishable from random" in html and "p = 0.008 (Holm)" in html
+
+
+def test_sweep_of_two_seeds_and_an_untrained_run_aggregates_only_the_seeds(tmp_path):
+    sal = lambda e: {"target": "logit", "saliency": {"deletion_auc": 0.3, "deletion_vs_random": _cmp(e, e - 0.1, e + 0.1, 0.01)}}
+    a = _run_dir(tmp_path, "s0", seed=0, test_acc=0.95, stage_metrics={"saliency": sal(-0.30)})
+    b = _run_dir(tmp_path, "s1", seed=1, test_acc=0.91, stage_metrics={"saliency": sal(-0.20)})
+    u = _run_dir(tmp_path, "lenet5_random", seed=0, epochs=0, test_acc=0.1, stage_metrics={"saliency": sal(0.0)})
+    other_data = _run_dir(tmp_path, "cifar", seed=1, dataset="cifar10", test_acc=0.5)
+    other_lr = _run_dir(tmp_path, "lr", seed=1, lr=0.01, test_acc=0.3)
+    runs = load_runs([a, b, u, other_data, other_lr])
+    assert [[r.label for r in g] for g in seed_groups(runs)] == [["s0", "s1"], ["lenet5_random"], ["cifar"], ["lr"]]
+    assert headline(runs[0])["saliency.saliency.deletion_vs_random"] == -0.30  # a Comparison counts as its effect
+    s = sections.sweeps(runs, {})
+    agg = {x["metric"]: x for x in s["aggregates"]}
+    assert {x["runs"] == ["s0", "s1"] for x in s["aggregates"]} == {True}
+    acc = agg["train.test_acc"]
+    half = stats.t.ppf(0.975, 1) * np.std([0.95, 0.91], ddof=1) / math.sqrt(2)
+    assert acc["n"] == 2 and acc["mean"] == pytest.approx(0.93) and acc["std"] == pytest.approx(np.std([0.95, 0.91], ddof=1))
+    assert acc["interval"]["low"] == pytest.approx(0.93 - half) and acc["interval"]["high"] == pytest.approx(0.93 + half)
+    assert agg["saliency.saliency.deletion_vs_random"]["mean"] == pytest.approx(-0.25)
+    assert agg["saliency.saliency.deletion_auc"]["n"] == 2
+
+
+def _ranking_table(effects: dict[str, tuple[float, float]], n=10):
+    """Per-image deletion and insertion AUC: method -> (deletion mean, insertion mean), image noise shared."""
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 0.01, (n, 2))
+    rows = [{"method": m, "image": i, "target_kind": "true", "deletion_auc": dl + noise[i, 0] + 0.001 * k * (i % 3),
+             "insertion_auc": ins + noise[i, 1] - 0.001 * k * (i % 2)}
+            for k, (m, (dl, ins)) in enumerate(effects.items()) for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+def test_methods_are_ordered_only_where_every_metric_agrees():
+    # a beats b on both metrics; c beats a on deletion but loses on insertion; d equals b up to noise
+    df = _ranking_table({"a": (0.2, 0.8), "b": (0.5, 0.5), "c": (0.1, 0.6), "d": (0.5, 0.5)})
+    values = ranking.per_image(df)
+    assert set(values) == {"deletion", "insertion"}  # no ROAD columns: ROAD is not a metric here
+    pairs = {(p.a, p.b): p for p in ranking.rank_pairs(values)}
+    assert pairs[("a", "b")].verdict == "a more faithful than b: every metric agrees"
+    assert pairs[("a", "c")].verdict.startswith("metrics disagree: insertion favours a; deletion favours c")
+    assert pairs[("b", "d")].agreed == 0 and pairs[("b", "d")].verdict.startswith("no order")
+    # every difference a - b has the same sign on all 10 images: the exact sign-flip p is 2 / 2^10, and Holm over
+    # the 6 pairs of a metric multiplies the smallest by at most 6
+    assert pairs[("a", "b")].tests["deletion"].p == pytest.approx(2 / 1024)
+    assert pairs[("a", "b")].tests["deletion"].p_adjusted <= 6 * 2 / 1024
+    assert ranking.total_order(["a", "b", "c", "d"], list(pairs.values())) is None
+    strict = {(p.a, p.b): p for p in ranking.rank_pairs(ranking.per_image(
+        _ranking_table({"x": (0.1, 0.9), "y": (0.3, 0.7), "z": (0.6, 0.4)})))}
+    assert ranking.total_order(["x", "y", "z"], list(strict.values())) == ["x", "y", "z"]
+
+
+def test_trained_against_untrained_states_each_difference_with_its_test(tmp_path):
+    act = lambda k: {"dead_units": {"relu1": k}, "units": {"relu1": 40}, "sparsity": {"conv1": 0.5, "relu1": 0.5 + k / 100}}
+    t = _run_dir(tmp_path, "lenet5", stage_metrics={"activations": act(2)})
+    u = _run_dir(tmp_path, "lenet5_random", epochs=0, stage_metrics={"activations": act(20)})
+    other = _run_dir(tmp_path, "vgg", model="vgg_small", stage_metrics={"activations": act(1)})
+    runs = load_runs([t, u, other])
+    assert [(a.label, b.label) for a, b in sections.baseline_pairs(runs)] == [("lenet5", "lenet5_random")]
+    s = sections.baseline(runs)
+    dead = next(c for c in s["claims"] if c["subject"].startswith("dead units"))
+    assert dead["stat"]["effect"] == pytest.approx(2 / 40 - 20 / 40)
+    p = stats.fisher_exact([[2, 38], [20, 20]]).pvalue  # independent: scipy's Fisher exact test
+    assert dead["stat"]["p"] == pytest.approx(p) and dead["statement"] == "trained differs from random"
+    assert dead["stat"]["p_adjusted"] >= dead["stat"]["p"]
+    assert "2 of 40 vs 20 of 40 units in relu1" in json.dumps(s["blocks"])

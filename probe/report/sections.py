@@ -113,7 +113,7 @@ def filters(runs: list[RunData]) -> dict:
     items = []
     for r in _need(s, runs, "activations"):
         z = r.arrays("activations", "filters")
-        weights = [k for k in z.files if k.endswith("/weight")]
+        weights = [k for k in z.files if k.endswith("/weight")] if z is not None else []
         if not weights:
             continue
         w = z[weights[0]]  # (out, in, kh, kw)
@@ -137,7 +137,7 @@ def feature_maps(runs: list[RunData], n_images: int) -> dict:
     items = []
     for r in _need(s, runs, "activations"):
         z = r.arrays("activations", "feature_maps")
-        layers = [k for k in z.files if not k.startswith("probe_")]
+        layers = [k for k in z.files if not k.startswith("probe_")] if z is not None else []
         if not layers:
             continue
         images = z["probe_images"][:n_images]
@@ -165,7 +165,14 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
     have = _need(s, runs, "activations")
     if not have:
         return s
+    for r in have:
+        dc = _dead_counts(r)
+        if dc:
+            e = proportion_interval(dc[0], dc[1]).to_dict() if dc[1] else None
+            s["claims"].append(claim("distributions", r.label, f"dead units in {', '.join(dc[2])}", "fraction", e))
     stats = _depth_frame(have, "activations", "stats")
+    if stats.empty:
+        return s
     depth = {r.label: r.layer_order() for r in have}
     stats["depth"] = [depth[run].get(layer, -1) for run, layer in zip(stats["run"], stats["layer"])]
     covered = {r.label: _covered(r) for r in have}
@@ -188,12 +195,6 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
         ax.set_ylim(-0.02, 1.02)
     s["blocks"].append(_figure("Dead units and sparsity by depth, one line per run" + (
         "; dead units only on layers that feed a rectifier or are one (" + "; ".join(said) + ")" if said else ""), fig))
-    for r in have:
-        m = r.metrics["activations"]
-        dc = _dead_counts(r)
-        if dc:
-            e = proportion_interval(dc[0], dc[1]).to_dict() if dc[1] else None
-            s["claims"].append(claim("distributions", r.label, f"dead units in {', '.join(dc[2])}", "fraction", e))
 
     hist = _depth_frame(have, "activations", "hist")
     if not hist.empty:
