@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from probe.activations import LogGrid, PopulationStats, TopK, collect
 from probe.activations import stats as stats_module
@@ -32,7 +33,8 @@ K_CLASSES = 4
 
 
 class Net(nn.Module):
-    """conv -> in-place ReLU (so hooks must read conv1 before it is overwritten) -> pool -> conv -> linear."""
+    """conv -> in-place ReLU (so hooks must read conv1 before it is overwritten) -> pool -> conv -> eval BN
+    -> functional ReLU -> linear. Rectified responses: conv1 relu, conv2 bn+relu, bn relu; pool, fc none."""
 
     def __init__(self):
         super().__init__()
@@ -40,21 +42,31 @@ class Net(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.MaxPool2d(2)
         self.conv2 = nn.Conv2d(5, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
         self.fc = nn.Linear(6 * 2 * 2, 7)
 
     def forward(self, x):
         x = self.pool(self.relu(self.conv1(x)))
-        return self.fc(torch.flatten(self.conv2(x), 1))
+        return self.fc(torch.flatten(F.relu(self.bn(self.conv2(x))), 1))
 
     def brute(self, x) -> dict[str, torch.Tensor]:
         """Every layer's output for all of ``x`` at once, computed without hooks."""
         c1 = self.conv1(x)
         p = self.pool(torch.relu(c1))
         c2 = self.conv2(p)
-        return {"conv1": c1, "pool": p, "conv2": c2, "fc": self.fc(torch.flatten(c2, 1))[:, :, None, None]}
+        b = self.bn(c2)
+        return {"conv1": c1, "pool": p, "conv2": c2, "bn": b, "fc": self.fc(torch.flatten(torch.relu(b), 1))[:, :, None, None]}
+
+    def brute_rectified(self, acts: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+        """Each layer's rectified response by hand: the net's own ReLU of its own BN (float32, as it runs)."""
+        with torch.no_grad():
+            bn_relu = torch.relu(self.bn(torch.from_numpy(acts["conv2"]).float())).numpy().astype(np.float64)
+        return {"conv1": np.maximum(acts["conv1"], 0), "pool": None, "conv2": bn_relu,
+                "bn": np.maximum(acts["bn"], 0), "fc": None}
 
 
-LAYERS = ["conv1", "pool", "conv2", "fc"]
+LAYERS = ["conv1", "pool", "conv2", "bn", "fc"]
+RECTIFIED = {"conv1": "relu", "pool": None, "conv2": "bn+relu", "bn": "relu", "fc": None}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +74,11 @@ def setup():
     torch.manual_seed(0)
     model = Net().eval()
     with torch.no_grad():
-        model.conv2.bias[0] = -100.0  # a dead channel
+        model.conv2.bias[0] = -100.0  # never > 0 before the BN, but its gamma < 0: alive after bn+relu
+        model.bn.running_mean.copy_(torch.tensor([-100.0, 0.3, -0.2, 0.0, 0.1, 0.5]))
+        model.bn.running_var.copy_(torch.tensor([4.0, 0.5, 2.0, 1.0, 0.25, 3.0]))
+        model.bn.weight.copy_(torch.tensor([-1.5, 2.0, 0.7, -0.4, 1.0, 0.0]))  # negative and zero gammas
+        model.bn.bias.copy_(torch.tensor([0.1, -100.0, 0.2, 0.3, -0.1, 0.5]))  # channel 1: dead after the BN
     x = torch.randn(45, 2, 9, 9)
     y = torch.randint(0, K_CLASSES, (45,))
     y[:K_CLASSES] = torch.arange(K_CLASSES)
@@ -119,6 +135,7 @@ def test_every_statistic_matches_brute_force(setup, reduction):
     stats, _ = run(model, x, y, size=8)
     grid = LogGrid()
     yn = y.numpy()
+    rectified = model.brute_rectified(acts)
     for name in LAYERS:
         a = acts[name]  # (N, C, H, W)
         N, C, H, W = a.shape
@@ -130,18 +147,31 @@ def test_every_statistic_matches_brute_force(setup, reduction):
         np.testing.assert_array_equal(f["min"], flat.min(1).astype(np.float32))
         np.testing.assert_array_equal(f["max"], flat.max(1).astype(np.float32))
         np.testing.assert_array_equal(f["frac_active"], (flat > 0).mean(1))
-        np.testing.assert_array_equal(f["dead"], ~(flat > 0).any(1))
         for col, q in (("q01", 0.01), ("q50", 0.5), ("q99", 0.99)):
             assert brute_quantile_ok(f[col].to_numpy(), flat, q, grid).all(), (name, col)
-        # per-class means and the selectivity index, written out independently
+        # per-class means (raw and rectified) and the selectivity index of the rectified one, written out independently
         means = np.stack([a[yn == k].mean((0, 2, 3)) for k in range(K_CLASSES)])
-        cm = stats[name].class_frame().pivot(index="class", columns="channel", values="mean").to_numpy()
+        cf = stats[name].class_frame()
+        cm = cf.pivot(index="class", columns="channel", values="mean").to_numpy()
         np.testing.assert_allclose(cm, means, rtol=1e-5, atol=1e-6)
+        r = rectified[name]
+        assert f["rectified"].isna().all() if r is None else (f["rectified"] == RECTIFIED[name]).all()
+        if r is None:  # undefined: null, never a number
+            assert f["dead"].isna().all() and f["selectivity"].isna().all() and f["frac_active_rectified"].isna().all()
+            assert cf["mean_rectified"].isna().all()
+            continue
+        rflat = r.transpose(1, 0, 2, 3).reshape(C, -1)
+        np.testing.assert_array_equal(f["dead"].to_numpy(bool), ~(rflat > 0).any(1))
+        np.testing.assert_array_equal(f["frac_active_rectified"], (rflat > 0).mean(1))
+        rmeans = np.stack([r[yn == k].mean((0, 2, 3)) for k in range(K_CLASSES)])
+        rm = cf.pivot(index="class", columns="channel", values="mean_rectified").to_numpy()
+        np.testing.assert_allclose(rm, rmeans, rtol=1e-5, atol=1e-6)
         for c in range(C):
-            top = means[:, c].max()
-            rest = (means[:, c].sum() - top) / (K_CLASSES - 1)
+            top = rmeans[:, c].max()
+            rest = (rmeans[:, c].sum() - top) / (K_CLASSES - 1)
             want = (top - rest) / (top + rest) if top + rest > 1e-12 else np.nan
             np.testing.assert_allclose(f["selectivity"][c], want, rtol=1e-4, atol=1e-6)
+            assert np.isnan(want) or 0 <= f["selectivity"][c] <= 1
         # histogram: per layer and per channel, exact
         bins = grid.bin_of(a.astype(np.float32).transpose(1, 0, 2, 3).reshape(C, -1))
         per_channel = np.stack([np.bincount(b, minlength=grid.bins) for b in bins])
@@ -150,7 +180,10 @@ def test_every_statistic_matches_brute_force(setup, reduction):
         layer = h[h.channel == -1]
         np.testing.assert_array_equal(layer["count"], per_channel.sum(0)[layer["bin"]])
         assert layer["count"].sum() == N * C * H * W
-    assert bool(stats["conv2"].to_frame()["dead"][0])
+    conv2 = stats["conv2"].to_frame()
+    assert conv2["max"][0] < 0 and not conv2["dead"][0]  # never > 0 before the BN, alive after it (gamma < 0)
+    assert conv2["max"][1] > 0 and conv2["dead"][1]  # active before the BN, dead after it (beta = -100)
+    assert conv2["selectivity"][5] == 0  # gamma = 0: the same response (relu(beta)) for every class
 
 
 def test_inplace_relu_does_not_corrupt_statistics(setup, reduction):

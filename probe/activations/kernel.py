@@ -7,9 +7,10 @@ a plain forward pass writes each activation once, and reducing it with one torch
 nine times and pays a dispatch per op, which dominates on layers with many channels and small maps.
 Here one numba-compiled function does, per (image, channel) row: one vectorised pass for the
 float64 sum, the sum of squares, the active count and the min and max (compared as order-preserving
-integers made from the float bits), a scan that stops at the first max, and one pass for the
-histogram (interleaved int32 sub-histograms, so that runs of equal values do not wait on each
-other's increments); then it inserts the image into the channel's top-k if it ranks. Channels are
+integers made from the float bits), a scan that stops at the first max, where the layer has a
+rectified response (:mod:`probe.activations.rectified`) a pass over the cached row for its class
+sum and active count, and one pass for the histogram (interleaved int32 sub-histograms, so that
+runs of equal values do not wait on each other's increments); then it inserts the image into the channel's top-k if it ranks. Channels are
 split across threads; each channel is reduced by one thread in a fixed order, so results do not
 depend on the number of threads. On CUDA, :mod:`probe.activations.stats` uses torch ops on the
 device instead; tests hold both to the same brute-force results and to each other.
@@ -31,12 +32,15 @@ SUB = 4  # (unrolled in _count) interleaved sub-histograms per channel, used whe
 
 
 @njit(fastmath=_FAST, boundscheck=False, inline="always")
-def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, maxs, key, val, mxv, amx, idx):  # pragma: no cover - compiled
+def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, maxs, key, val, mxv, amx, idx,
+             rect, ra, rc, rb, cap, class_rect, active_rect):  # pragma: no cover - compiled
     """Channel ``c``, per image and in total: float64 sum, sum of squares about ``a``, active count,
     max (with its first position) and min. One vectorised pass per row: min and max are taken on
-    the float bits made order-preserving integers, then a scan stops at the max."""
+    the float bits made order-preserving integers, then a scan stops at the max. With ``rect``, a second
+    pass over the (cached) row: the class sum and active count of the rectified response
+    ``clamp(ra (x - rc) + rb, 0, cap)`` in float64 (NaN propagates: ``r < 0`` is false for NaN)."""
     N, _, P = x.shape
-    s_c, sq_c, act_c, mx_c, mn_c = 0.0, 0.0, 0, maxs[c], mins[c]
+    s_c, sq_c, act_c, mx_c, mn_c, ract_c = 0.0, 0.0, 0, maxs[c], mins[c], 0
     scratch = np.empty(1, np.int32)  # to read int32 bits back as a float32
     scratch_f = scratch.view(np.float32)
     for n in range(N):
@@ -81,6 +85,16 @@ def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, max
                 if v32 < mn or v32 != v32:
                     mn = v32
         class_sum[y[n], c] += s
+        if rect:
+            rs, rac = 0.0, 0
+            for p in range(P):
+                r = ra * (np.float64(x[n, c, p]) - rc) + rb
+                r = 0.0 if r < 0.0 else r
+                r = cap if r > cap else r
+                rs += r
+                rac += r > 0.0
+            class_rect[y[n], c] += rs
+            ract_c += rac
         _rank(key, val, mxv, amx, idx, c, np.float32(s / P), mx, am, start + n, scratch, scratch_f)
         s_c += s
         sq_c += sq
@@ -94,6 +108,7 @@ def _moments(x, bits, y, c, a, start, total, sumsq, active, class_sum, mins, max
     active[c] += act_c
     maxs[c] = mx_c
     mins[c] = mn_c
+    active_rect[c] += ract_c
 
 
 @njit(boundscheck=False, inline="always")
@@ -147,8 +162,8 @@ def _compiled(fn):
 
 
 @_compiled
-def _reduce(x, y, start, lut, key_shift, stride, shift, total, sumsq, mins, maxs, hist, active, class_sum,
-            class_images, key, val, mxv, amx, idx):  # pragma: no cover - compiled
+def _reduce(x, y, start, lut, key_shift, stride, rect, rscale, rcenter, roffset, cap, shift, total, sumsq, mins, maxs, hist,
+            active, class_sum, class_images, class_rect, active_rect, key, val, mxv, amx, idx):  # pragma: no cover - compiled
     N, C, P = x.shape
     for n in range(N):  # before anything is added
         if y[n] < 0 or y[n] >= class_images.shape[0]:
@@ -161,7 +176,8 @@ def _reduce(x, y, start, lut, key_shift, stride, shift, total, sumsq, mins, maxs
     bins = hist.shape[1]
     many = stride == 1 and N * P >= SUB * bins  # else zeroing and folding sub-histograms costs more
     for c in prange(C):
-        _moments(x, bits, y, c, np.float64(shift[c]), start, total, sumsq, active, class_sum, mins, maxs, key, val, mxv, amx, idx)
+        _moments(x, bits, y, c, np.float64(shift[c]), start, total, sumsq, active, class_sum, mins, maxs, key, val, mxv,
+                 amx, idx, rect, rscale[c], rcenter[c], roffset[c], cap, class_rect, active_rect)
         if many:
             sub = np.zeros((SUB, bins), np.int32)
             _count(ubits, c, lut, k, stride, sub, 0, SUB - 1)
@@ -179,12 +195,13 @@ def unsigned_table(lut: np.ndarray, half: int) -> np.ndarray:
 
 
 def state_views(stats, top) -> tuple:
-    """The arrays :func:`reduce_batch` updates in place, after the grid's table, key shift and the
-    histogram stride: numpy views of the CPU tensors of a :class:`~probe.activations.stats.LayerStats`
-    (its ``FIELDS``) and of the columns of its :class:`~probe.activations.exemplars.TopK` (key, then
-    ``COLUMNS``); taken once, at the first batch."""
+    """The arrays :func:`reduce_batch` updates in place, after the grid's table, key shift, the histogram
+    stride and the rectified response (on/off, per-channel scale, center and offset, cap): numpy views of the
+    CPU tensors of a :class:`~probe.activations.stats.LayerStats` (its ``FIELDS``) and of the columns
+    of its :class:`~probe.activations.exemplars.TopK` (key, then ``COLUMNS``); taken once, at the first batch."""
     g = stats.grid
-    return (unsigned_table(g.lut, g.half), g.shift, stats.hist_stride,
+    return (unsigned_table(g.lut, g.half), g.shift, stats.hist_stride, stats.rectified is not None,
+            stats.rect_scale.numpy(), stats.rect_center.numpy(), stats.rect_offset.numpy(), float(stats.rect_cap),
             *(getattr(stats, f).numpy() for f in stats.FIELDS), *(top.kept[c].numpy() for c in ("key", *COLUMNS)))
 
 

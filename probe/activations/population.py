@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn as nn
 
 from probe.activations.exemplars import TopK
 from probe.activations.grid import LogGrid
+from probe.activations.rectified import Rectified, rectified_responses
 from probe.activations.stats import LayerStats, PopulationStats, as_maps
 from probe.capture import Capture
 from probe.runtime import autocast, fast_model, to_device_batch
@@ -17,7 +19,8 @@ from probe.runtime import autocast, fast_model, to_device_batch
 @torch.no_grad()
 def collect(model: nn.Module, batches: Iterable, layers: list[str], device: torch.device, num_classes: int,
             grid: LogGrid | None = None, top_k: int = 8, hist_stride: int = 1,
-            start: int = 0, amp: bool = False) -> tuple[PopulationStats, dict[str, TopK]]:
+            start: int = 0, amp: bool = False, rectified: dict[str, Rectified | None] | None = None,
+            ) -> tuple[PopulationStats, dict[str, TopK]]:
     """Stream ``batches`` of ``(x (N, C, H, W), y (N,))`` through ``model`` once each.
 
     Statistics are computed inside the forward hooks, before any following in-place ReLU.
@@ -25,6 +28,8 @@ def collect(model: nn.Module, batches: Iterable, layers: list[str], device: torc
     On CUDA (see :mod:`probe.runtime`): channels_last model and batches, non-blocking copies and, with
     ``amp``, the forward pass in bf16 autocast; every captured output is converted to float32 before
     it reaches the statistics (float64 sums), so only the layer outputs carry bf16 rounding.
+    ``rectified``: each layer's rectified response (:mod:`probe.activations.rectified`); None: found by
+    tracing the model on the first image of the first batch.
     """
     grid = grid or LogGrid()
     stats = PopulationStats({n: LayerStats(n, grid, num_classes, hist_stride) for n in layers})
@@ -35,8 +40,16 @@ def collect(model: nn.Module, batches: Iterable, layers: list[str], device: torc
         stats[name].update(as_maps(name, out), batch["y"], tops[name], batch["start"])
 
     model = fast_model(model, device)
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return stats, tops
+    if rectified is None:
+        rectified = rectified_responses(model, to_device_batch(first[0][:1], device), layers)
+    for n in layers:
+        stats[n].rectified = rectified.get(n)
     with Capture(model, layers, fn=record), autocast(device, amp):
-        for x, y in batches:
+        for x, y in itertools.chain([first], batches):
             batch["y"] = to_device_batch(torch.as_tensor(y), device).long()
             model(to_device_batch(x, device))
             batch["start"] += len(x)

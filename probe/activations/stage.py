@@ -9,7 +9,8 @@ of the split (contiguous ranges, exemplar indices stay global) and writes
 ``<run>/activations_shards/<i>-of-<n>/state.npz`` + ``shard.json`` (atomically);
 ``probe activations_merge run=<run> shards=n`` checks that every shard is there and was computed
 with the same layers, data, histogram settings and weights, merges them and writes the same
-``activations/`` as one pass (counts, min, max, histograms, exemplar indices exact; sums to rounding). See stats.py for the definitions.
+``activations/`` as one pass (counts, min, max, histograms, exemplar indices exact; sums to rounding). See stats.py for the definitions,
+rectified.py for where dead units and class selectivity are defined, and :func:`metrics` for metrics.json.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from probe.activations.grid import LogGrid
 from probe.activations.pictures import (kernel_arrays, save_crop_grid, save_feature_map_grid,
                                         save_kernel_grids)
 from probe.activations.population import collect
-from probe.activations.stats import LayerStats, PopulationStats
+from probe.activations.stats import LayerStats, PopulationStats, selectivity
 from probe.analysis import Context, open_run
 from probe.capture import Capture, resolve_layers
 from probe.errors import RunDirError
 from probe.rundir import SHARDS_DIR, staged_dir, write_json, write_npz
 from probe.runtime import pin_memory
+from probe.uncertainty import proportion_interval
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +185,42 @@ def write_tables(stats: PopulationStats, tops: dict[str, TopK], layers: list[str
 
 
 def metrics(stats: PopulationStats, layers: list[str]) -> dict:
-    dead, sparsity = {}, {}
+    """``activations/metrics.json`` (DVC metrics: numbers, small dicts, one list of names).
+
+    Dead units and selectivity only for layers with a rectified response (``rectified`` not null in
+    stats.parquet; :mod:`probe.activations.rectified`), named in ``dead_fraction_layers``:
+
+    - ``dead_fraction`` {layer: dead / units}, ``dead_units`` {layer: {"dead": k, "units": n}}: units whose
+      rectified response is never > 0 over the split.
+    - ``dead_fraction_mean``: the pooled fraction sum k / sum n over ``dead_fraction_layers`` (each unit counts
+      once; null when no layer has a rectified response), ``dead_fraction_interval``: its 95% Wilson interval
+      (:func:`probe.uncertainty.proportion_interval`; it treats units as independent draws).
+    - ``selectivity_median`` {layer: median over units of the class selectivity index of the rectified
+      response}, where at least one unit has one (dead units have none).
+    - ``sparsity`` {layer: 1 - mean over units of frac_active}: the share of positions where the layer's *own
+      output* is <= 0, for every analysed layer (for a conv -> bn -> relu that is the conv's sign, not the
+      ReLU's), and ``sparsity_mean``: its unweighted mean over all analysed layers (pooling and logits included);
+      ``sparsity_rectified`` {layer: share of zero positions of the rectified response} where there is one.
+    """
+    dead, dead_units, sparsity, sparsity_rect, sel = {}, {}, {}, {}, {}
     for n in layers:
         s = stats[n]
-        dead[n] = float((s.max.cpu().numpy() <= 0).mean())
         sparsity[n] = float(1 - s.frac_active().mean())
-    return {"dead_fraction": dead, "sparsity": sparsity,
-            "dead_fraction_mean": float(np.mean(list(dead.values()))) if dead else None,
+        d = s.dead()
+        if d is None:
+            continue
+        dead_units[n] = {"dead": int(d.sum()), "units": int(len(d))}
+        dead[n] = float(d.mean())
+        sparsity_rect[n] = float(1 - s.active_rect.cpu().numpy().mean() / max(s.count, 1))
+        si = selectivity(s.class_means(rectified=True))
+        if np.isfinite(si).any():
+            sel[n] = float(np.nanmedian(si))
+    k = sum(v["dead"] for v in dead_units.values())
+    units = sum(v["units"] for v in dead_units.values())
+    return {"dead_fraction": dead, "dead_units": dead_units, "dead_fraction_layers": list(dead),
+            "dead_fraction_mean": k / units if units else None,
+            "dead_fraction_interval": proportion_interval(k, units).to_dict() if units else None,
+            "selectivity_median": sel, "sparsity": sparsity, "sparsity_rectified": sparsity_rect,
             "sparsity_mean": float(np.mean(list(sparsity.values()))) if sparsity else None}
 
 

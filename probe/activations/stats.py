@@ -14,8 +14,15 @@ Definitions (over every position of every image; ``count = images * H * W``):
 - ``mean``, ``std``: population mean and standard deviation (ddof=0), from float64 sums of the
   per-image sums and sums of squares about a per-channel shift (the first batch's channel
   mean), so that a channel with a large mean and a small spread keeps its digits.
-- ``min``, ``max``: exact. ``frac_active``: fraction of positions with x > 0 (exact, counted
-  at every position, whatever ``hist_stride``). ``dead``: never > 0 on the whole population (``max <= 0``).
+- ``min``, ``max``: exact. ``frac_active``: fraction of positions with x > 0 of the layer's own
+  output (exact, counted at every position, whatever ``hist_stride``).
+- ``rectified``: the layer's rectified response (:mod:`probe.activations.rectified`): ``"relu"``,
+  ``"relu6"`` (its output goes into that rectifier), ``"bn+relu"``, ``"bn+relu6"`` (through an eval-mode
+  BatchNorm, ``clamp(a_c (x - m_c) + beta_c, 0, cap)``), ``"self"`` (the layer is a rectifier) or null: none.
+  Dead units and class selectivity are defined only where it is not null (NaN / null elsewhere).
+- ``dead``: the rectified response is never > 0 on the whole population; exact, from the channel's
+  min and max (the response is monotone in x: at ``max`` for ``a > 0``, ``min`` for ``a < 0``, constant for ``a = 0``).
+- ``frac_active_rectified``: fraction of positions where the rectified response is > 0 (exact count).
 - ``q01``, ``q50``, ``q99``: from the fine histogram; each lies in the grid bin of the order
   statistic at rank ``floor(q (n - 1))`` (numpy's interpolated quantile lies between that and the
   next order statistic), so the error is at most one bin (plus that gap): relative
@@ -23,11 +30,15 @@ Definitions (over every position of every image; ``count = images * H * W``):
   With ``hist_stride > 1`` the histogram (hence quantiles and hist.parquet) counts every
   ``hist_stride``-th position of each flattened map only: still exactly mergeable, but quantiles
   of a fixed spatial subsample.
-- ``selectivity``: class selectivity index (Morcos et al. 2018) from the per-class mean
-  activation ``mu_k`` (mean over all positions of all images of class k, classes with images
-  only): ``(mu_max - mu_rest) / (mu_max + mu_rest)`` with ``mu_rest`` the mean of the other
-  classes' means. NaN where ``mu_max + mu_rest <= 1e-12`` (e.g. a dead channel) or with fewer
-  than two classes. In [0, 1] for non-negative activations; can exceed 1 for signed ones.
+- ``selectivity``: class selectivity index (Morcos, Barrett, Rabinowitz & Botvinick 2018, "On the
+  importance of single directions for generalization", section 2.3), defined there for the
+  non-negative activity of ReLU units: from the per-class mean of the *rectified* response
+  ``mu_k`` (mean over all positions of all images of class k, the map averaged first as in the
+  paper; classes with images only): ``(mu_max - mu_rest) / (mu_max + mu_rest)`` with ``mu_rest``
+  the mean of the other classes' means. In [0, 1]: 0 = the same mean for every class, 1 = active
+  for one class only. NaN where the layer has no rectified response, where ``mu_max + mu_rest <=
+  1e-12`` (a dead channel) or with fewer than two classes. class_means.parquet has both the raw
+  ``mean`` and ``mean_rectified`` (null where undefined) per class and channel.
 
 Merging: counts, min, max and histograms merge exactly; sums in float64 to rounding.
 """
@@ -43,6 +54,7 @@ import torch
 from probe.activations.exemplars import BatchSummary, TopK
 from probe.activations.grid import LogGrid
 from probe.activations.kernel import reduce_batch, state_views
+from probe.activations.rectified import Rectified
 
 QUANTILES = (0.01, 0.5, 0.99)
 FUSED_CPU = True  # CPU batches go through the one-pass numba kernel (tests also run the torch ops on CPU)
@@ -62,10 +74,13 @@ def as_maps(name: str, out: torch.Tensor) -> torch.Tensor:
 class LayerStats:
     """Streaming statistics of one layer; state lives on the device of the first batch."""
 
-    FIELDS = ("shift", "sum", "sumsq", "min", "max", "hist", "active", "class_sum", "class_images")
+    FIELDS = ("shift", "sum", "sumsq", "min", "max", "hist", "active", "class_sum", "class_images", "class_rect",
+              "active_rect")
 
-    def __init__(self, name: str, grid: LogGrid, num_classes: int, hist_stride: int = 1):
+    def __init__(self, name: str, grid: LogGrid, num_classes: int, hist_stride: int = 1,
+                 rectified: Rectified | None = None):
         self.name, self.grid, self.num_classes, self.hist_stride = name, grid, num_classes, hist_stride
+        self.rectified = rectified  # the layer's rectified response, None: undefined (set before the first batch)
         self.channels: int | None = None
         self.shape: tuple[int, int] | None = None  # (H, W)
         self.count = 0  # positions per channel
@@ -86,6 +101,12 @@ class LayerStats:
         self.active = torch.zeros(C, **i64)
         self.class_sum = torch.zeros(self.num_classes, C, **f64)
         self.class_images = torch.zeros(self.num_classes, **i64)
+        # the rectified response's class sums and active count (zero where the layer has none)
+        self.class_rect = torch.zeros(self.num_classes, C, **f64)
+        self.active_rect = torch.zeros(C, **i64)
+        a, m, b = self.rectified.affine(C) if self.rectified is not None else (np.ones(C), np.zeros(C), np.zeros(C))
+        self.rect_scale, self.rect_center, self.rect_offset = (torch.tensor(v, **f64) for v in (a, m, b))
+        self.rect_cap = self.rectified.cap if self.rectified is not None else float("inf")
         self._lut = self.grid.table(device)
         g = self.grid
         # offsets for the two histogram paths of the torch reduction (see _histogram)
@@ -131,16 +152,30 @@ class LayerStats:
         # bincount read the labels' max back to the host: a sync per batch on CUDA), not by
         # index_add_ (float atomics are not deterministic on CUDA); non-finite ones by index_add_
         # (NaN / inf sums come out the same in any order), so that they reach their own class only
-        finite = s.isfinite()
         onehot = (y[:, None] == self._classes).to(torch.float64)  # (N, K)
-        self.class_sum += onehot.T @ s.where(finite, 0.0)
-        self.class_sum.index_add_(0, y, s.where(~finite, 0.0))
+        self._class_add(self.class_sum, onehot, y, s)
         self.class_images += onehot.sum(0).to(torch.int64)
+        if self.rectified is not None:
+            if self.rectified.scale is None:  # max(x, 0): exact in float32
+                r = xf.clamp(0, self.rect_cap)
+            else:  # float32 here, as the BN computes it (the kernel's is float64: they agree to float32 rounding)
+                r = torch.addcmul(self.rect_offset.float().view(1, C, 1), xf - self.rect_center.float().view(1, C, 1),
+                                  self.rect_scale.float().view(1, C, 1))
+                r.clamp_(0, self.rect_cap)
+            self._class_add(self.class_rect, onehot, y, r.sum(2, dtype=torch.float64))
+            self.active_rect += (r > 0).sum((0, 2))
         torch.minimum(self.min, xf.amin((0, 2)), out=self.min)
         mx, am = xf.max(2)
         torch.maximum(self.max, mx.amax(0), out=self.max)
         self._histogram(xf)
         return BatchSummary((s / P).float(), mx, am)
+
+    @staticmethod
+    def _class_add(acc: torch.Tensor, onehot: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> None:
+        """``acc[y[n]] += s[n]``: finite sums by a matmul with the one-hot, non-finite ones by index_add_."""
+        finite = s.isfinite()
+        acc += onehot.T @ s.where(finite, 0.0)
+        acc.index_add_(0, y, s.where(~finite, 0.0))
 
     def _histogram(self, xf: torch.Tensor) -> None:
         g, (N, C, _) = self.grid, xf.shape
@@ -168,9 +203,13 @@ class LayerStats:
         if other.channels is None:
             return self
         if self.channels is None:
+            self.rectified = self.rectified or other.rectified
             self._init(other.channels, *other.shape, other.device)
         if (self.channels, self.shape, self.grid, self.hist_stride) != (other.channels, other.shape, other.grid, other.hist_stride):
             raise ValueError(f"{self.name}: cannot merge statistics of different shapes, grids or strides")
+        if not _same_rectified(self.rectified, other.rectified):
+            raise ValueError(f"{self.name}: cannot merge statistics of different rectified responses "
+                             f"({_describe(self.rectified)} and {_describe(other.rectified)})")
         # move other's squares to this shift: sum (x-a)^2 = sum (x-b)^2 + 2 (b-a) sum (x-b) + n (b-a)^2
         a, b = self.shift.to(torch.float64), other.shift.to(self.device, torch.float64)
         below = other.sum.to(self.device) - other.count * b
@@ -178,7 +217,7 @@ class LayerStats:
         self.sum += other.sum.to(self.device)
         torch.minimum(self.min, other.min.to(self.device), out=self.min)
         torch.maximum(self.max, other.max.to(self.device), out=self.max)
-        for f in ("hist", "active", "class_sum", "class_images"):
+        for f in ("hist", "active", "class_sum", "class_images", "class_rect", "active_rect"):
             getattr(self, f).add_(getattr(other, f).to(self.device))
         self.count += other.count
         self.hist_count += other.hist_count
@@ -190,6 +229,8 @@ class LayerStats:
         meta = np.array([self.count, self.hist_count, self.images, self.num_classes, self.hist_stride,
                          self.grid.bits, self.grid.octaves, *(self.shape or (0, 0))], dtype=np.int64)
         out = {"meta": meta}
+        if self.rectified is not None:
+            out.update({f"rect_{k}": v for k, v in self.rectified.state().items()})
         if self.channels is not None:
             out.update({f: getattr(self, f).cpu().numpy() for f in self.FIELDS})
         return out
@@ -197,8 +238,12 @@ class LayerStats:
     @classmethod
     def from_state(cls, name: str, state: dict[str, np.ndarray], device="cpu") -> "LayerStats":
         count, hist_count, images, K, stride, bits, octaves, H, W = (int(v) for v in state["meta"])
-        self = cls(name, LogGrid(bits, octaves), K, stride)
+        rect = {k[5:]: v for k, v in state.items() if k.startswith("rect_")}
+        self = cls(name, LogGrid(bits, octaves), K, stride, Rectified.from_state(rect) if rect else None)
         if "sum" in state:
+            missing = [f for f in cls.FIELDS if f not in state]
+            if missing:
+                raise ValueError(f"{name}: state lacks {', '.join(missing)} (written by an older probe: recompute it)")
             self._init(len(state["sum"]), H, W, torch.device(device))
             for f in cls.FIELDS:
                 getattr(self, f).copy_(torch.as_tensor(state[f]))
@@ -209,14 +254,24 @@ class LayerStats:
     def frac_active(self) -> np.ndarray:
         return self.active.cpu().numpy() / max(self.count, 1)
 
-    def class_means(self) -> np.ndarray:
-        """``(num_classes, C)`` mean activation per class (NaN for classes without images)."""
+    def class_means(self, rectified: bool = False) -> np.ndarray:
+        """``(num_classes, C)`` mean activation per class (NaN for classes without images); with
+        ``rectified`` of the rectified response (all NaN where the layer has none)."""
         n = self.class_images.cpu().numpy().astype(np.float64) * (self.shape[0] * self.shape[1])
+        if rectified and self.rectified is None:
+            return np.full((self.num_classes, self.channels), np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.class_sum.cpu().numpy() / n[:, None]
+            return (self.class_rect if rectified else self.class_sum).cpu().numpy() / n[:, None]
+
+    def dead(self) -> np.ndarray | None:
+        """Per channel: the rectified response never > 0 (None where the layer has no rectified response)."""
+        if self.rectified is None:
+            return None
+        return self.rectified.dead(self.min.cpu().numpy(), self.max.cpu().numpy())
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per channel: count, mean, std, min, max, q01, q50, q99, frac_active, dead, selectivity."""
+        """One row per channel: count, mean, std, min, max, q01, q50, q99, frac_active, rectified,
+        frac_active_rectified, dead (nullable boolean), selectivity (see the module docstring)."""
         n = max(self.count, 1)
         mean = self.sum.cpu().numpy() / n
         var = np.maximum(self.sumsq.cpu().numpy() / n - (mean - self.shift.cpu().numpy().astype(np.float64)) ** 2, 0.0)
@@ -226,7 +281,11 @@ class LayerStats:
             "layer": self.name, "channel": np.arange(self.channels), "count": np.int64(self.count),
             "mean": mean, "std": np.sqrt(var), "min": mn, "max": mx,
             **{f"q{round(p * 100):02d}": q[:, i] for i, p in enumerate(QUANTILES)},
-            "frac_active": self.frac_active(), "dead": mx <= 0, "selectivity": selectivity(self.class_means()),
+            "frac_active": self.frac_active(),
+            "rectified": pd.array([self.rectified.kind if self.rectified else None] * self.channels, dtype="string"),
+            "frac_active_rectified": self.active_rect.cpu().numpy() / n if self.rectified else np.nan,
+            "dead": pd.array(self.dead() if self.rectified else [None] * self.channels, dtype="boolean"),
+            "selectivity": selectivity(self.class_means(rectified=True)),
         })
         return frame
 
@@ -234,7 +293,8 @@ class LayerStats:
         cm = self.class_means()
         K, C = cm.shape
         return pd.DataFrame({"layer": self.name, "channel": np.tile(np.arange(C), K),
-                             "class": np.repeat(np.arange(K), C), "mean": cm.reshape(-1)})
+                             "class": np.repeat(np.arange(K), C), "mean": cm.reshape(-1),
+                             "mean_rectified": self.class_means(rectified=True).reshape(-1)})
 
     def hist_frame(self, per_channel: bool = False) -> pd.DataFrame:
         """Non-empty bins of the layer's histogram (``channel`` -1), and of every channel if asked."""
@@ -248,8 +308,17 @@ class LayerStats:
         return pd.concat(rows, ignore_index=True)
 
 
+def _same_rectified(a: Rectified | None, b: Rectified | None) -> bool:
+    return (a is None and b is None) or (a is not None and a.same(b))
+
+
+def _describe(r: Rectified | None) -> str:
+    return "none" if r is None else r.kind + (f" via {r.via}" if r.via else "")
+
+
 def selectivity(class_means: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Class selectivity index per channel from ``(K, C)`` class means (NaN rows = absent classes)."""
+    """Class selectivity index per channel (Morcos et al. 2018, section 2.3) from ``(K, C)`` class means of
+    a non-negative (rectified) response; NaN rows = absent classes. In [0, 1] for non-negative means."""
     cm = class_means[~np.isnan(class_means).any(1)]
     if len(cm) < 2:
         return np.full(class_means.shape[1], np.nan)
