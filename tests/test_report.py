@@ -309,7 +309,8 @@ def test_methods_are_ordered_only_where_every_metric_agrees():
 
 
 def test_trained_against_untrained_states_each_difference_with_its_test(tmp_path):
-    act = lambda k: {"dead_units": {"relu1": k}, "units": {"relu1": 40}, "sparsity": {"conv1": 0.5, "relu1": 0.5 + k / 100}}
+    act = lambda k: {"dead_units": {"relu1": {"dead": k, "units": 40}}, "dead_fraction_layers": ["relu1"],
+                     "sparsity": {"conv1": 0.5, "relu1": 0.5 + k / 100}}
     t = _run_dir(tmp_path, "lenet5", stage_metrics={"activations": act(2)})
     u = _run_dir(tmp_path, "lenet5_random", epochs=0, stage_metrics={"activations": act(20)})
     other = _run_dir(tmp_path, "vgg", model="vgg_small", stage_metrics={"activations": act(1)})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -15,6 +16,7 @@ from probe.report.collect import RUNTIME_KEYS, SEED_KEYS, STAGE_COMMANDS, RunDat
 from probe.report.collect import headline as collect_headline
 from probe.report import ranking
 from probe.report.claims import claim, comparisons, counts, estimates, fmt_comparison, fmt_estimate, num, verdict
+from probe.report.claims import is_estimate as C_is_estimate
 from probe.uncertainty import paired_comparison, proportion_interval, proportions_comparison, adjust, mean_interval
 from probe.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
 
@@ -184,6 +186,11 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
     # dead units are defined only where the activation is a rectifier's input or output
     keep = [covered[run] is None or layer in covered[run] for run, layer in zip(per_layer["run"], per_layer["layer"])]
     per_layer["dead"] = per_layer["dead"].where(keep)
+    stated = {r.label: r.metrics["activations"].get("dead_fraction") for r in have}
+    per_layer["dead"] = [stated[run][layer] if isinstance(stated[run], dict) and covered[run] is not None
+                         and layer in stated[run] else d
+                         for run, layer, d in zip(per_layer["run"], per_layer["layer"], per_layer["dead"])]
+    per_layer["dead"] = per_layer["dead"].astype(float)
     said = sorted({f"{run}: {', '.join(c)}" for run, c in covered.items() if c is not None})
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -199,8 +206,9 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
     hist = _depth_frame(have, "activations", "hist")
     if not hist.empty:
         hist = hist[hist["channel"] == -1]
-        s["blocks"].append(_figure("Distribution of activations per layer (histogram densities over the population; "
-                                   "the x axis is symmetric-log scaled)", _ridge(hist, depth, colours)))
+        s["blocks"].append(_figure("Distribution of activations per layer (histogram counts over the population, each "
+                                   "ridge scaled to its largest bin; the x axis is symmetric-log scaled, linear within "
+                                   "±0.1; at the right, the share of activations exactly 0, not drawn)", _ridge(hist, depth, colours)))
 
     sel = stats.dropna(subset=["selectivity"])
     outside = int(((sel["selectivity"] < 0) | (sel["selectivity"] > 1)).sum())
@@ -250,7 +258,7 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
 def _covered(r: RunData) -> list[str] | None:
     """The layers on which activations/metrics.json defines dead units (None: it does not say)."""
     m = r.metrics.get("activations", {})
-    for key in ("dead_layers", "covered_layers", "rectified_layers"):
+    for key in ("dead_fraction_layers", "dead_layers", "covered_layers"):
         if isinstance(m.get(key), list):
             return [str(x) for x in m[key]]
     if isinstance(m.get("dead_units"), dict):
@@ -258,25 +266,52 @@ def _covered(r: RunData) -> list[str] | None:
     return None
 
 
+def _symlog_ticks(limit: float) -> list[float]:
+    """0 and powers of ten (every other one when there are many) out to ``limit``, both signs: at most 7 labels."""
+    k = int(np.floor(np.log10(max(limit, 0.1))))
+    powers = [10.0 ** e for e in range(0, k + 1)] or [0.1]
+    while len(powers) > 3:
+        powers = powers[1::2] if len(powers) % 2 == 0 else powers[::2]
+    return [-p for p in powers[::-1]] + [0.0] + powers
+
+
 def _ridge(hist: pd.DataFrame, depth: dict, colours: dict):
+    """One ridge per layer: counts of the non-zero histogram bins scaled to the ridge's height, with the share of
+    activations exactly 0 (after a ReLU or a max-pool of one, often most of them) written at the right."""
     runs = list(dict.fromkeys(hist["run"]))
     n_layers = max(hist.groupby("run")["layer"].nunique())
-    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 0.45 * n_layers + 1.5), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 0.45 * n_layers + 1.5), squeeze=False, sharex=True)
+    reach = 0.1
     for ax, run in zip(axes[0], runs):
         h = hist[hist["run"] == run]
         layers = sorted(h["layer"].unique(), key=lambda n: depth[run].get(n, 0))
         for i, layer in enumerate(layers):
             g = h[h["layer"] == layer].sort_values("lo")
-            centre = np.where(np.isfinite(g["lo"]) & np.isfinite(g["hi"]), (g["lo"] + g["hi"]) / 2, np.nan)
+            total = float(g["count"].sum())
+            zero = (g["lo"] == 0) & (g["hi"] == 0)
+            nz = g[~zero]
+            centre = np.where(np.isfinite(nz["lo"]) & np.isfinite(nz["hi"]), (nz["lo"] + nz["hi"]) / 2, np.nan)
             keep = np.isfinite(centre)
-            dens = g["count"].to_numpy()[keep].astype(float)
+            dens = nz["count"].to_numpy()[keep].astype(float)
+            if (dens > 0).any():
+                reach = max(reach, float(np.abs(centre[keep][dens > 0]).max()))
             dens = dens / dens.max() if dens.max() > 0 else dens
             y0 = len(layers) - 1 - i
             ax.fill_between(centre[keep], y0, y0 + 0.9 * dens, color=colours[run], alpha=0.7, lw=0)
+            if total > 0 and zero.any() and g.loc[zero, "count"].sum() > 0:
+                ax.text(1.01, y0 + 0.3, f"0: {g.loc[zero, 'count'].sum() / total:.0%}",
+                        transform=ax.get_yaxis_transform(), fontsize=7, ha="left", va="center", color="#4a5263")
         ax.set_yticks(np.arange(len(layers))[::-1] + 0.3, layers, fontsize=8)
+        ax.set_ylim(-0.2, len(layers))
         ax.set_xscale("symlog", linthresh=0.1)
         ax.set_title(run, fontsize=10)
         ax.set_xlabel("activation")
+    for ax in axes[0]:
+        ax.set_xlim(-reach * 1.3, reach * 1.3)
+        ax.xaxis.set_major_locator(FixedLocator(_symlog_ticks(reach)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: num(v)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
     return fig
 
@@ -293,16 +328,27 @@ def saliency_methods(m: dict) -> list[str]:
 
 
 def _target_sentence(have: list[RunData]) -> str:
-    said = {}
+    said, unknown, layers = {}, [], []
     for r in have:
         m = r.metrics["saliency"]
         t = m.get("target")
-        what = TARGETS.get(t, f"'{t}'") if t else "an unrecorded target (written by an older probe: rerun probe saliency)"
-        said.setdefault(what, []).append(r.label + (f" (Grad-CAM on {m['gradcam_layer']})" if m.get("gradcam_layer") else ""))
-    if len(said) == 1:
-        (what, labels), = said.items()
-        return f"Every map attributes {what}; " + "; ".join(labels) + "."
-    return "Attribution targets differ: " + "; ".join(f"{', '.join(v)}: {k}" for k, v in said.items()) + "."
+        if t:
+            said.setdefault(TARGETS.get(t, f"'{t}'"), []).append(r.label)
+        else:
+            unknown.append(r.label)
+        if m.get("gradcam_layer"):
+            layers.append(f"{r.label}: Grad-CAM on {m['gradcam_layer']}")
+    out = []
+    if len(said) == 1 and not unknown:
+        out.append(f"Every map attributes {next(iter(said))}.")
+    else:
+        out += [f"{', '.join(v)}: the maps attribute {k}." for k, v in said.items()]
+    if unknown:
+        out.append(f"{', '.join(unknown)}: saliency/metrics.json does not record the attribution target (written by an "
+                   "older probe; rerun probe saliency).")
+    if layers:
+        out.append("; ".join(layers) + ".")
+    return " ".join(out)
 
 
 def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
@@ -428,8 +474,8 @@ def _ranking_blocks(s: dict, r: RunData) -> list[dict]:
     for metric, per_method in values.items():
         means = pd.Series({k: float(per_method[k].mean()) for k in methods})
         ranks[f"{metric} rank"] = (-metric_sign[metric] * means).rank(method="min").astype(int).to_numpy()
-    blocks = [_table(f"{r.label}: methods ranked by each faithfulness metric (1 = most faithful by that metric's mean "
-                     "over the probe images)", ranks)]
+    blocks = [_table(f"{r.label}: each faithfulness metric's order of the methods by its mean over the probe images "
+                     "(1 = most faithful by that metric; an order of means, not a ranking: see below)", ranks)]
     order = ranking.total_order(methods, pairs)
     agreed = [p for p in pairs if p.agreed]
     disagree = [p for p in pairs if {1, -1} <= set(p.directions.values())]
@@ -468,6 +514,15 @@ def out_activation(r: RunData) -> list[dict]:
     else counted from metrics.parquet with Wilson's interval."""
     m = r.metrics.get("synthesis", {})
     rows: dict[str, dict] = {}
+    if isinstance(m.get("channel"), dict):  # {layer: {out_activates_mean, out_activates_peak, margin_mean, ...}}
+        for layer, d in m["channel"].items():
+            if layer != "all" and isinstance(d, dict):
+                rows[layer] = {"layer": layer, **{w: d.get(f"out_activates_{w}") for w in ("mean", "peak")
+                                                  if d.get(f"out_activates_{w}")},
+                               **{f"margin_{w}": d[f"margin_{w}"] for w in ("mean", "peak") if d.get(f"margin_{w}")},
+                               **{f"median_margin_{w}": d[f"median_margin_{w}"] for w in ("mean", "peak")
+                                  if d.get(f"median_margin_{w}") is not None}}
+        return list(rows.values())
     for path, e in estimates(m):
         if not any("out_activ" in p for p in path) or path[-1] in ("all", "k", "n"):
             continue
@@ -515,13 +570,29 @@ def synthesis(runs: list[RunData]) -> dict:
                 if e:
                     s["claims"].append(claim("synthesis", r.label, f"{layer}: fraction of channels whose image "
                                              f"out-activates the best dataset image {what}", "fraction", e))
-            for col, name in (("margin_mean", "median margin (mean)"), ("margin", "median margin (mean)"),
-                              ("margin_peak", "median margin (peak)")):
-                if col in g.columns and name not in out:
-                    out[name] = float(g[col].median())
+            for where in ("mean", "peak"):
+                if f"margin_{where}" in row:
+                    c = row[f"margin_{where}"]
+                    out[f"margin at the {where} [95% CI], p"] = fmt_comparison(c)
+                    s["claims"].append(claim("synthesis", r.label, f"{layer}: mean margin over the best dataset image "
+                                             f"at the {where}", verdict(c, "images out-activate", "dataset images win",
+                                                                        "not distinguishable"), c))
+                if f"median_margin_{where}" in row:
+                    out[f"median margin ({where})"] = row[f"median_margin_{where}"]
+                elif f"margin_{where if where == 'peak' else ''}".rstrip("_") in g.columns:
+                    col = "margin_peak" if where == "peak" else "margin"
+                    if g[col].notna().any():
+                        out[f"median margin ({where})"] = float(g[col].median())
             rows.append(out)
         cls = df[df["kind"] == "class"] if df is not None else pd.DataFrame()
-        if len(cls) and "probability" in cls:
+        predicted = r.metrics["synthesis"].get("class_probability", {}).get("predicted")
+        if len(cls) and "probability" in cls and C_is_estimate(predicted):
+            classes.append({"run": r.label, "class images": len(cls), "mean probability": float(cls["probability"].mean()),
+                            "min probability": float(cls["probability"].min()),
+                            "predicted as their class [95% CI]": fmt_estimate(predicted)})
+            s["claims"].append(claim("synthesis", r.label, "class images the model predicts as their class",
+                                     "fraction", predicted))
+        elif len(cls) and "probability" in cls:
             classes.append({"run": r.label, "class images": len(cls), "mean probability": float(cls["probability"].mean()),
                             "min probability": float(cls["probability"].min()),
                             "predicted as their class": f"{int((cls['predicted'] == cls['class']).sum())} of {len(cls)}"
@@ -566,6 +637,7 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         sns.lineplot(d, x="depth", y="error_interior", hue="run", palette=colours, marker="o", ax=ax)
         ax.set_title(f"Translation equivariance error by depth (circular shift of {eq['shift'].min()} px)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("||f(Tx) - T'f(x)|| / ||f(x)||")
         s["blocks"].append(_figure("Equivariance error by depth (0 = perfectly equivariant)", fig))
     inv = _depth_frame(have, "geometry", "invariance")
@@ -576,6 +648,7 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         sns.lineplot(d, x="amount", y="survival", hue="run", style="mode", palette=colours, marker="o", ax=ax)
         ax.set_title("Fraction of predictions unchanged by a shift")
         ax.set_xlabel("shift (pixels)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(-0.02, 1.02)
         s["blocks"].append(_figure("Shift robustness of predictions", fig))
     rows = []
@@ -603,6 +676,7 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         sns.lineplot(d, x="depth", y="trf_in_image", hue="run", palette=colours, ax=ax, linestyle="--", legend=False)
         ax.set_title("Effective (solid, 95% of gradient mass) vs theoretical (dashed) receptive field")
         ax.set_ylabel("side (pixels)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         s["blocks"].append(_figure("Effective vs theoretical receptive field by depth", fig))
     items = []
     for r in have:  # training dynamics, for runs trained with train.snapshot_epochs
@@ -649,10 +723,10 @@ def baseline_pairs(runs: list[RunData]) -> list[tuple[RunData, RunData]]:
 def _dead_counts(r: RunData) -> tuple[int, int, list[str]] | None:
     """(dead units, units, covered layers) from activations/metrics.json."""
     m = r.metrics.get("activations", {})
-    dead, units = m.get("dead_units"), m.get("units")
-    if isinstance(dead, dict) and isinstance(units, dict):
-        layers = [k for k in dead if k in units]
-        return int(sum(dead[k] for k in layers)), int(sum(units[k] for k in layers)), layers
+    dead = m.get("dead_units")
+    if isinstance(dead, dict) and dead and all(isinstance(v, dict) and "dead" in v and "units" in v for v in dead.values()):
+        layers = list(dead)
+        return int(sum(dead[k]["dead"] for k in layers)), int(sum(dead[k]["units"] for k in layers)), layers
     return None
 
 
@@ -672,11 +746,13 @@ def baseline(runs: list[RunData]) -> dict | None:
         if dt and du:
             tests.append(("dead units", f"{dt[0]} of {dt[1]} vs {du[0]} of {du[1]} units in {', '.join(dt[2])}",
                           proportions_comparison(dt[0], dt[1], du[0], du[1])))
-        st, su = t.metrics.get("activations", {}).get("sparsity"), u.metrics.get("activations", {}).get("sparsity")
+        key = "sparsity_rectified" if t.metrics.get("activations", {}).get("sparsity_rectified") else "sparsity"
+        st, su = t.metrics.get("activations", {}).get(key), u.metrics.get("activations", {}).get(key)
         if isinstance(st, dict) and isinstance(su, dict):
             common = [k for k in st if k in su and st[k] is not None and su[k] is not None]
             if len(common) >= 2:
-                tests.append(("sparsity", f"paired over {len(common)} layers",
+                what = "of the rectified response" if key == "sparsity_rectified" else "of the layer outputs"
+                tests.append((f"sparsity {what}", f"paired over {len(common)} layers ({', '.join(common)})",
                               paired_comparison([st[k] for k in common], [su[k] for k in common])))
         mt, mu = t.table("saliency", "metrics"), u.table("saliency", "metrics")
         if mt is not None and mu is not None:
