@@ -323,3 +323,29 @@ def test_trained_against_untrained_states_each_difference_with_its_test(tmp_path
     assert dead["stat"]["p"] == pytest.approx(p) and dead["statement"] == "trained differs from random"
     assert dead["stat"]["p_adjusted"] >= dead["stat"]["p"]
     assert "2 of 40 vs 20 of 40 units in relu1" in json.dumps(s["blocks"])
+
+
+def test_selectivity_plot_keeps_only_defined_values():
+    df = pd.DataFrame({"selectivity": [0.0, 0.5, 1.0, np.nan, 3.2, -0.1, np.inf]})
+    kept, outside = sections.defined_selectivity(df)
+    assert kept["selectivity"].tolist() == [0.0, 0.5, 1.0] and outside == 2
+
+
+def test_synthesis_reads_out_activation_at_mean_and_peak_with_wilson_intervals(tmp_path):
+    est = lambda k, n: {**proportion_interval(k, n).to_dict(), "k": k}
+    m = {"channel": {"conv1": {"channels": 6, "out_activates_mean": est(6, 6), "out_activates_peak": est(2, 6),
+                               "median_margin_mean": 0.4,
+                               "margin_peak": _cmp(-0.3, -0.6, 0.0, 0.2)},
+                     "all": {"channels": 6, "out_activates_mean": est(6, 6)}}}
+    d = _run_dir(tmp_path, "syn", stage_metrics={"synthesis": m})
+    s = sections.synthesis(load_runs([d]))
+    table = s["blocks"][0]
+    row = dict(zip(table["columns"], table["rows"][0]))
+    assert len(table["rows"]) == 1 and row["layer"] == "conv1"  # "all" is not a layer
+    # Wilson for 2 of 6 (closed form, computed here)
+    z = stats.norm.ppf(0.975)
+    centre, half = (2 / 6 + z * z / 12) / (1 + z * z / 6), z * math.sqrt(2 / 6 * 4 / 6 / 6 + z * z / 144) / (1 + z * z / 6)
+    assert row["out-activate best image, at the peak [95% CI]"] == f"0.33 [{centre - half:.2f}, {centre + half:.2f}], n = 6"
+    assert row["margin at the peak [95% CI], p"].endswith("p = 0.20, n = 10")
+    assert {c["subject"] for c in s["claims"]} >= {"conv1: fraction of channels whose image out-activates the best "
+                                                   "dataset image at the peak"}

@@ -210,9 +210,7 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
                                    "ridge scaled to its largest bin; the x axis is symmetric-log scaled, linear within "
                                    "±0.1; at the right, the share of activations exactly 0, not drawn)", _ridge(hist, depth, colours)))
 
-    sel = stats.dropna(subset=["selectivity"])
-    outside = int(((sel["selectivity"] < 0) | (sel["selectivity"] > 1)).sum())
-    sel = sel[(sel["selectivity"] >= 0) & (sel["selectivity"] <= 1)]
+    sel, outside = defined_selectivity(stats)
     if not sel.empty:
         sel = sel.assign(**{"layer index": sel.groupby("run")["depth"].rank(method="dense").astype(int) - 1})
         fig, ax = plt.subplots(figsize=(11, 3.6))
@@ -253,6 +251,14 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
         if items:
             s["blocks"].append(_gallery("Top dataset exemplars, cropped to each unit's receptive field", items))
     return s
+
+
+def defined_selectivity(stats: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The rows whose class selectivity index is defined (finite, in the index's range [0, 1]), and how many
+    finite values lay outside it."""
+    sel = stats[np.isfinite(stats["selectivity"].astype(float))]
+    inside = (sel["selectivity"] >= 0) & (sel["selectivity"] <= 1)
+    return sel[inside], int((~inside).sum())
 
 
 def _covered(r: RunData) -> list[str] | None:
@@ -849,14 +855,18 @@ def sweeps(runs: list[RunData], colours: dict) -> dict | None:
                               pd.DataFrame(rows)) | {"collapsed": len(rows) > 40})
     pts = pd.DataFrame(points).dropna()
     if not pts.empty:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        sns.stripplot(pts, x="experiment", y="test accuracy", ax=ax, size=7, jitter=0.1)
-        sns.pointplot(pts, x="experiment", y="test accuracy", ax=ax, errorbar=("ci", 95), color="black", markers="_",
-                      linestyles="none")
-        ax.set_title("Test accuracy of every run (dots) with the mean")
+        labels = list(dict.fromkeys(pts["experiment"]))
+        fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(labels)), 3.4))
+        sns.stripplot(pts, x="experiment", y="test accuracy", order=labels, ax=ax, size=7, jitter=0.1)
+        for i, label in enumerate(labels):
+            e = mean_interval(pts.loc[pts["experiment"] == label, "test accuracy"].to_numpy(float))
+            ax.plot([i - 0.25, i + 0.25], [e.value, e.value], color="black", lw=2)
+            if np.isfinite(e.low):
+                ax.errorbar([i], [e.value], yerr=[[e.value - e.low], [e.high - e.value]], color="black", capsize=6, lw=1)
+        ax.set_title("Test accuracy of every run (dots), the mean (bar) and its 95% t interval")
+        ax.set_xlabel("")
         ax.tick_params(axis="x", labelsize=8)
-        s["blocks"].append(_figure("Spread over the seeds of each experiment (black: mean; bootstrap 95% interval of "
-                                   "seaborn, for the eye only: the tables give the t interval)", fig))
+        s["blocks"].append(_figure("Spread over the seeds of each experiment", fig))
     return s
 
 
