@@ -374,13 +374,243 @@ def test_rank_key_orders_by_value_then_index():
 
 
 def test_selectivity_guards_division():
-    means = np.array([[0.0, 1.0, -1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])  # dead / one-hot / signed
+    means = np.array([[0.0, 1.0, 1.0], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0]])  # dead / one-hot / graded
     si = selectivity(means)
     assert np.isnan(si[0])
     assert si[1] == pytest.approx(1.0)
-    top, rest = 1.0, -0.5
+    top, rest = 1.0, 0.25
     assert si[2] == pytest.approx((top - rest) / (top + rest))
     assert np.isnan(selectivity(means[:1])).all()  # one class only
+
+
+# -- rectified responses: where dead units and class selectivity are defined ---------------------
+def brute_selectivity(r: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarray:
+    """Morcos et al. (2018) section 2.3 by hand, float64: per class the mean over images of the map-averaged
+    response, then (max - mean of the other classes) / (max + mean of the others)."""
+    per_image = r.reshape(len(r), r.shape[1], -1).mean(2)
+    mu = np.stack([per_image[labels == k].mean(0) for k in range(classes)])
+    top = mu.max(0)
+    rest = (mu.sum(0) - top) / (classes - 1)
+    with np.errstate(invalid="ignore"):  # a dead unit: 0 / 0, undefined
+        return (top - rest) / (top + rest)
+
+
+def test_selectivity_of_a_hand_made_population(reduction, tmp_path):
+    """One unit that fires for one class only -> 1; the same response for every class -> 0; signed pre-ReLU
+    units get the index of their rectified values (brute force in float64), through a BN too; merged shards
+    and a save / load round trip give the same."""
+    from probe.activations.rectified import Rectified
+
+    K, N, C, P = 3, 60, 4, 5
+    rng = np.random.default_rng(0)
+    labels = np.arange(N) % K
+    x = rng.standard_normal((N, C, P)).astype(np.float32)
+    x[:, 0] = np.where(labels[:, None] == 1, np.abs(x[:, 0]) + 0.5, -np.abs(x[:, 0]) - 0.1)  # fires for class 1 only
+    x[:, 1] = np.abs(rng.standard_normal(P)).astype(np.float32) + 0.2  # the same map for every image
+    x[:, 3] += 0.8 * labels[:, None]  # signed, graded by class
+    bn = Rectified("bn+relu", scale=np.array([1.0, -2.0, 0.5, -1.5]), center=np.array([0.0, 0.3, -0.2, 1.0]),
+                   offset=np.array([0.0, 1.0, 0.1, 0.4]), via="bn")
+    xt, yt = torch.from_numpy(x[:, :, :, None]), torch.from_numpy(labels).long()
+
+    def stats_of(rect, parts):
+        out = []
+        for lo, hi in parts:
+            s = stats_module.LayerStats("u", LogGrid(), K, rectified=rect)
+            s.update(xt[lo:hi], yt[lo:hi], TopK("u", 2), lo)
+            out.append(s)
+        return out
+
+    x64 = x.astype(np.float64)
+    for rect, r in ((Rectified("relu"), np.maximum(x64, 0)),
+                    (bn, np.maximum(bn.scale[None, :, None] * (x64 - bn.center[None, :, None]) + bn.offset[None, :, None], 0))):
+        want = brute_selectivity(r, labels, K)
+        if rect.kind == "relu":
+            assert want[0] == 1.0 and abs(want[1]) < 1e-15  # the known answers, by hand
+            raw = brute_selectivity(x64, labels, K)
+            assert not 0 <= raw[0] <= 1  # what the signed values would have given (about 5)
+        (whole,) = stats_of(rect, [(0, N)])
+        np.testing.assert_allclose(whole.to_frame()["selectivity"], want, rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(whole.to_frame()["frac_active_rectified"], (r > 0).mean((0, 2)))
+        # shards merged in another order, one of them through its saved state
+        a, b, c = stats_of(rect, [(0, 17), (17, 40), (40, N)])
+        PopulationStats({"u": b}).save(tmp_path / "b.npz")
+        merged = PopulationStats.load(tmp_path / "b.npz")["u"].merge(c).merge(a)
+        assert merged.rectified.same(rect)
+        np.testing.assert_allclose(merged.to_frame()["selectivity"], want, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(merged.class_rect, whole.class_rect, rtol=1e-12, atol=1e-12)
+        assert torch.equal(merged.active_rect, whole.active_rect)
+        np.testing.assert_array_equal(merged.to_frame()["dead"].to_numpy(bool), ~(r > 0).any((0, 2)))
+    with pytest.raises(ValueError, match="rectified responses"):
+        stats_of(Rectified("relu"), [(0, 10)])[0].merge(stats_of(bn, [(10, 20)])[0])
+    with pytest.raises(ValueError, match="rectified responses"):
+        stats_of(None, [(0, 10)])[0].merge(stats_of(bn, [(10, 20)])[0])
+
+
+@pytest.mark.parametrize("positions", [13, 400])
+def test_kernel_equals_torch_ops_on_the_rectified_response(monkeypatch, positions):
+    """Class sums and active counts of clamp(a (x - m) + b, 0, cap): kernel (float64, any thread count)
+    against the torch ops (float32 affine), with NaN, inf, a negative and a zero scale, and a ReLU6 cap."""
+    from probe.activations.rectified import Rectified
+
+    torch.manual_seed(0)
+    C = 5
+    x = torch.randn(2, 6, C, positions) * torch.exp(torch.randn(2, 6, C, positions) * 3)
+    x[1, 2, 2, 3], x[1, 3, 1, 5], x[0, 1, 4, 0] = float("nan"), float("inf"), float("-inf")
+    y = torch.randint(0, 3, (2, 6))
+    rects = [Rectified("relu"), Rectified("relu6", cap=6.0),
+             Rectified("bn+relu6", np.array([2.0, -0.5, 0.0, 1.0, -3.0]), np.array([0.3, -1.0, 0.0, 0.5, 2.0]),
+                       np.array([-0.1, 0.2, 0.7, 0.0, -1.0]), cap=6.0, via="bn")]
+
+    def run(fused: bool, threads: int, rect):
+        monkeypatch.setattr(stats_module, "FUSED_CPU", fused)
+        torch.set_num_threads(threads)
+        try:
+            s = stats_module.LayerStats("x", LogGrid(), 3, rectified=rect)
+            top = TopK("x", 3)
+            for i in range(2):
+                s.update(x[i, :, :, :, None], y[i], top, 6 * i)
+            return s
+        finally:
+            torch.set_num_threads(2)
+
+    for rect in rects:
+        ref = run(False, 2, rect)
+        # brute force, float64: the class sums of the rectified response
+        r = rect.apply(x.reshape(12, C, positions)).numpy()
+        yy = y.reshape(-1).numpy()
+        with np.errstate(invalid="ignore"):
+            want = np.stack([r[yy == k].sum((0, 2)) for k in range(3)])
+        np.testing.assert_allclose(ref.class_rect.numpy(), want, rtol=1e-5, equal_nan=True)
+        for threads in (1, 2):
+            got = run(True, threads, rect)
+            torch.testing.assert_close(got.class_rect, ref.class_rect, equal_nan=True,
+                                       rtol=1e-12 if rect.scale is None else 1e-6, atol=0)
+            torch.testing.assert_close(got.class_rect.numpy(), want, equal_nan=True, rtol=1e-12, atol=0)
+            assert torch.equal(got.active_rect, ref.active_rect)
+            np.testing.assert_array_equal(got.active_rect.numpy(), (r > 0).sum((0, 2)))
+        assert ref.class_rect.isnan().any()  # the NaN reached its class (with a cap, the infs are capped at 6)
+
+
+def _rect(model, layers, x):
+    from probe.activations.rectified import rectified_responses
+
+    return rectified_responses(model.eval(), x, layers)
+
+
+class _Seq(nn.Module):
+    def __init__(self, *mods, fn=None):
+        super().__init__()
+        self.body = nn.Sequential(*mods)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.body(x)) if self.fn else self.body(x)
+
+
+def test_rectified_response_is_found_on_hand_built_nets():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 8, 8)
+    conv = lambda: nn.Conv2d(2, 2, 3, padding=1)  # noqa: E731
+    kinds = lambda r: {k: (v.kind if v else None) for k, v in r.items()}  # noqa: E731
+    assert kinds(_rect(_Seq(conv(), nn.ReLU()), ["body.0", "body.1"], x)) == {"body.0": "relu", "body.1": "self"}
+    assert kinds(_rect(_Seq(conv(), fn=F.relu), ["body.0"], x)) == {"body.0": "relu"}
+    assert kinds(_rect(_Seq(conv(), nn.ReLU(inplace=True)), ["body.0"], x)) == {"body.0": "relu"}
+    assert kinds(_rect(_Seq(conv(), fn=torch.relu_), ["body.0"], x)) == {"body.0": "relu"}
+    six = _rect(_Seq(conv(), nn.ReLU6()), ["body.0"], x)["body.0"]
+    assert (six.kind, six.cap) == ("relu6", 6.0)
+    # pooling after a ReLU, linear logits, a leaky ReLU, a PReLU: none
+    net = _Seq(conv(), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32, 3))
+    assert kinds(_rect(net, ["body.0", "body.2", "body.4"], x)) == {"body.0": "relu", "body.2": None, "body.4": None}
+    assert kinds(_rect(_Seq(conv(), nn.LeakyReLU()), ["body.0"], x)) == {"body.0": None}
+    assert kinds(_rect(_Seq(conv(), nn.PReLU()), ["body.0"], x)) == {"body.0": None}
+    # conv -> BN -> ReLU: the BN's affine map, checked against the BN module itself
+    bn_net = _Seq(conv(), nn.BatchNorm2d(2), nn.ReLU(inplace=True))
+    with torch.no_grad():
+        bn_net.body[1].running_mean.copy_(torch.tensor([0.5, -0.3]))
+        bn_net.body[1].running_var.copy_(torch.tensor([2.0, 0.3]))
+        bn_net.body[1].weight.copy_(torch.tensor([-1.2, 0.8]))
+        bn_net.body[1].bias.copy_(torch.tensor([0.1, -0.2]))
+    r = _rect(bn_net, ["body.0", "body.1"], x)
+    assert (r["body.0"].kind, r["body.0"].via, r["body.1"].kind) == ("bn+relu", "body.1", "relu")
+    with torch.no_grad():
+        c = bn_net.body[0](torch.randn(4, 2, 8, 8))
+        torch.testing.assert_close(r["body.0"].apply(c), torch.relu(bn_net.body[1](c)).double(), rtol=1e-5, atol=1e-6)
+    bn_net.train()  # batch statistics: not a fixed per-channel map
+    from probe.activations.rectified import rectified_responses
+
+    assert rectified_responses(bn_net, torch.randn(2, 2, 8, 8), ["body.0"])["body.0"] is None
+
+    class Residual(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            self.conv, self.bn, self.relu, self.inplace = conv(), nn.BatchNorm2d(2), nn.ReLU(), inplace
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            if self.inplace:
+                out += x
+            else:
+                out = out + x
+            return self.relu(out)
+
+    for inplace in (False, True):  # conv -> bn -> (+ shortcut) -> relu: none, in place or not
+        assert kinds(_rect(Residual(inplace), ["conv", "bn", "relu", ""], x)) == {
+            "conv": None, "bn": None, "relu": "self", "": "self"}
+
+
+def test_rectified_response_of_torchvision_resnet18():
+    import torchvision
+
+    m = torchvision.models.resnet18(num_classes=10).eval()  # in-place ReLUs, one ReLU module reused per block
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1.0.conv1", "layer1.0.conv2", "layer1.0.bn2", "layer1.0",
+             "layer2.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2", "layer4.1.relu", "avgpool", "fc"]
+    r = _rect(m, names, torch.randn(1, 3, 64, 64))
+    got = {n: (v.kind, v.via) if v else None for n, v in r.items()}
+    assert got == {"conv1": ("bn+relu", "bn1"), "bn1": ("relu", None), "relu": ("self", None), "maxpool": None,
+                   "layer1.0.conv1": ("bn+relu", "layer1.0.bn1"), "layer1.0.conv2": None, "layer1.0.bn2": None,
+                   "layer1.0": ("self", None), "layer2.0.downsample.0": None,
+                   "layer4.1.conv1": ("bn+relu", "layer4.1.bn1"), "layer4.1.conv2": None,
+                   "layer4.1.relu": ("self", None), "avgpool": None, "fc": None}
+    # the affine map is the BN's: relu(bn1(conv1(x))) with trained-looking BN statistics, by the modules themselves
+    bn = m.bn1
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.1, 3), bn.weight.normal_(), bn.bias.normal_()
+        c = m.conv1(torch.randn(2, 3, 32, 32))
+        want = torch.relu(bn(c)).double()
+    r = _rect(m, ["conv1"], torch.randn(1, 3, 64, 64))["conv1"]
+    torch.testing.assert_close(r.apply(c), want, rtol=1e-5, atol=1e-5)
+
+
+def test_metrics_cover_only_layers_with_a_rectified_response(setup):
+    """metrics.json: dead units per rectified layer by brute force, pooled over those layers only."""
+    from probe.activations.stage import metrics
+    from probe.uncertainty import proportion_interval
+
+    model, x, y, acts = setup
+    stats, _ = run(model, x, y)
+    m = metrics(stats, LAYERS)
+    rectified = model.brute_rectified(acts)
+    layers = [n for n in LAYERS if rectified[n] is not None]
+    assert m["dead_fraction_layers"] == layers == ["conv1", "conv2", "bn"]
+    dead = {n: int((~(rectified[n] > 0).any((0, 2, 3))).sum()) for n in layers}
+    units = {n: rectified[n].shape[1] for n in layers}
+    assert m["dead_units"] == {n: {"dead": dead[n], "units": units[n]} for n in layers}
+    assert m["dead_fraction"] == {n: dead[n] / units[n] for n in layers}
+    assert dead["conv2"] == dead["bn"] == 1  # the BN's beta = -100 channel, seen from the conv and from the BN
+    k, n = sum(dead.values()), sum(units.values())
+    assert m["dead_fraction_mean"] == k / n
+    assert m["dead_fraction_interval"] == proportion_interval(k, n).to_dict()
+    assert m["dead_fraction_interval"]["low"] <= k / n <= m["dead_fraction_interval"]["high"]
+    assert set(m["selectivity_median"]) == set(layers)
+    yn = y.numpy()
+    for name in layers:
+        si = brute_selectivity(rectified[name], yn, K_CLASSES)
+        assert m["selectivity_median"][name] == pytest.approx(np.nanmedian(si), rel=1e-4)
+        assert m["sparsity_rectified"][name] == pytest.approx(1 - (rectified[name] > 0).mean(), abs=1e-12)
+    assert set(m["sparsity"]) == set(LAYERS)
+    for name in LAYERS:
+        assert m["sparsity"][name] == pytest.approx(1 - (acts[name] > 0).mean(), abs=1e-12)
+    json.dumps(m, allow_nan=False)  # numbers and nulls only
 
 
 def test_cli_end_to_end_and_bad_layer(tmp_path):
@@ -398,6 +628,11 @@ def test_cli_end_to_end_and_bad_layer(tmp_path):
     stats = pd.read_parquet(out / "stats.parquet")
     assert set(stats.layer) == {"conv1", "pool", "conv2", "gap", "fc"}
     assert (stats["count"][stats.layer == "fc"] == 100).all()  # linear units: one position per image
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dead_fraction_layers"] == ["conv1", "conv2"]  # conv -> relu; not the pools or the logits
+    kinds = {n: (None if pd.isna(v) else v) for n, v in stats.drop_duplicates("layer").set_index("layer")["rectified"].items()}
+    assert kinds == {"conv1": "relu", "pool": None, "conv2": "relu", "gap": None, "fc": None}
+    assert stats["selectivity"].dropna().between(0, 1).all()
     ex = pd.read_parquet(out / "exemplars.parquet")
     assert len(ex) == 3 * len(stats) and ex.groupby(["layer", "channel"]).size().eq(3).all()
     assert ex["index"].between(0, 99).all()

@@ -51,15 +51,18 @@ def test_shards_cover_the_split_contiguously(runs):
 def test_merge_equals_single_pass(runs):
     single, merged = runs
     a, b = pd.read_parquet(single / "stats.parquet"), pd.read_parquet(merged / "stats.parquet")
-    exact = ["layer", "channel", "count", "min", "max", "q01", "q50", "q99", "frac_active", "dead"]
+    exact = ["layer", "channel", "count", "min", "max", "q01", "q50", "q99", "frac_active", "rectified",
+             "frac_active_rectified", "dead"]
     pd.testing.assert_frame_equal(a[exact], b[exact])
+    assert a["rectified"].notna().any() and a["rectified"].isna().any()  # tiny_cnn: relu convs, pool / gap / fc none
     np.testing.assert_allclose(b["mean"], a["mean"], rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(b["std"], a["std"], rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(b["selectivity"], a["selectivity"], rtol=1e-5, atol=1e-9, equal_nan=True)
     pd.testing.assert_frame_equal(pd.read_parquet(single / "hist.parquet"), pd.read_parquet(merged / "hist.parquet"))
     ca, cb = pd.read_parquet(single / "class_means.parquet"), pd.read_parquet(merged / "class_means.parquet")
-    pd.testing.assert_frame_equal(ca.drop(columns="mean"), cb.drop(columns="mean"))
+    pd.testing.assert_frame_equal(ca.drop(columns=["mean", "mean_rectified"]), cb.drop(columns=["mean", "mean_rectified"]))
     np.testing.assert_allclose(cb["mean"], ca["mean"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cb["mean_rectified"], ca["mean_rectified"], rtol=1e-6, atol=1e-9, equal_nan=True)
     ea, eb = pd.read_parquet(single / "exemplars.parquet"), pd.read_parquet(merged / "exemplars.parquet")
     pd.testing.assert_frame_equal(ea.drop(columns=["value", "max_value"]), eb.drop(columns=["value", "max_value"]))
     np.testing.assert_allclose(eb["value"], ea["value"], rtol=1e-6)
@@ -69,7 +72,11 @@ def test_merge_equals_single_pass(runs):
             for k in za.files:
                 np.testing.assert_array_equal(za[k], zb[k], err_msg=f"{name}:{k}")
     ma, mb = json.loads((single / "metrics.json").read_text()), json.loads((merged / "metrics.json").read_text())
-    assert ma["dead_fraction"] == mb["dead_fraction"]
+    for k in ("dead_fraction", "dead_units", "dead_fraction_layers", "dead_fraction_mean", "dead_fraction_interval"):
+        assert ma[k] == mb[k], k
+    assert ma["selectivity_median"].keys() == mb["selectivity_median"].keys()
+    for k in ma["selectivity_median"]:
+        assert mb["selectivity_median"][k] == pytest.approx(ma["selectivity_median"][k], rel=1e-5, abs=1e-9)
     for k in ma["sparsity"]:
         assert mb["sparsity"][k] == pytest.approx(ma["sparsity"][k], abs=1e-12)
 
