@@ -85,7 +85,10 @@ def per_image(metrics: pd.DataFrame) -> dict[str, dict[str, pd.Series]]:
         for method, g in rows.groupby("method", sort=False):
             v = m.values(g)
             if v is not None:
-                per_method[str(method)] = pd.Series(v.to_numpy(), index=g[key].to_numpy())
+                v = pd.Series(v.to_numpy(), index=g[key].to_numpy())
+                v = v[np.isfinite(v.to_numpy())]
+                if len(v):
+                    per_method[str(method)] = v
         if per_method:
             out[m.name] = per_method
     return out
@@ -95,17 +98,16 @@ def rank_pairs(values: dict[str, dict[str, pd.Series]], seed: int = 0) -> list[P
     """Every pair of methods, tested on every metric (Holm over the pairs within a metric)."""
     signs = {m.name: m.sign for m in METRICS}
     methods = sorted(set.intersection(*(set(v) for v in values.values()))) if values else []
+    # a method some metric lacks cannot be ordered by every metric: it is left out
     pairs = list(itertools.combinations(methods, 2))
     tests: dict[tuple[str, str], dict[str, Comparison]] = {p: {} for p in pairs}
     for metric, per_method in values.items():
         family = []
         for a, b in pairs:
             common = per_method[a].index.intersection(per_method[b].index)
-            if len(common) == 0:
+            if len(common) < 2:
                 continue
             x, y = per_method[a].loc[common].to_numpy(), per_method[b].loc[common].to_numpy()
-            if not (np.isfinite(x).all() and np.isfinite(y).all()):
-                continue
             family.append(((a, b), paired_comparison(x, y, seed=seed)))
         for (pair, _), c in zip(family, adjust([c for _, c in family])):
             tests[pair][metric] = c
@@ -114,8 +116,9 @@ def rank_pairs(values: dict[str, dict[str, pd.Series]], seed: int = 0) -> list[P
         t = tests[(a, b)]
         if not t:
             continue
-        directions = {m: (0 if not c.distinguishable() or c.effect == 0 else
-                          (1 if signs[m] * c.effect > 0 else -1)) for m, c in t.items()}
+        # a metric that could not test the pair (no common images) counts as not distinguishing it
+        directions = {m: (0 if m not in t or not t[m].distinguishable() or t[m].effect == 0 else
+                          (1 if signs[m] * t[m].effect > 0 else -1)) for m in values}
         results.append(PairResult(a, b, t, directions))
     return results
 

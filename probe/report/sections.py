@@ -7,18 +7,17 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
+from probe.report import ranking
+from probe.report.claims import claim, counts, estimates, fmt_comparison, fmt_estimate, is_estimate, num, verdict
 from probe.report.collect import RUNTIME_KEYS, SEED_KEYS, STAGE_COMMANDS, RunData, differing_keys, seed_groups
 from probe.report.collect import headline as collect_headline
-from probe.report import ranking
-from probe.report.claims import claim, comparisons, counts, estimates, fmt_comparison, fmt_estimate, num, verdict
-from probe.report.claims import is_estimate as C_is_estimate
-from probe.uncertainty import paired_comparison, proportion_interval, proportions_comparison, adjust, mean_interval
 from probe.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
+from probe.uncertainty import adjust, mean_interval, paired_comparison, proportion_interval, proportions_comparison
 
 
 def _section(sid: str, title: str, intro: str = "") -> dict:
@@ -342,8 +341,17 @@ def _target_sentence(have: list[RunData]) -> str:
             said.setdefault(TARGETS.get(t, f"'{t}'"), []).append(r.label)
         else:
             unknown.append(r.label)
+        extra = []
+        if m.get("head_bypassed"):
+            extra.append(f"the final {m['head_bypassed']} bypassed for attribution")
         if m.get("gradcam_layer"):
-            layers.append(f"{r.label}: Grad-CAM on {m['gradcam_layer']}")
+            extra.append(f"Grad-CAM on {m['gradcam_layer']}")
+        if m.get("random_orders"):
+            extra.append(f"{m['random_orders']} random pixel orders")
+        if m.get("auc_steps"):
+            extra.append(f"{m['auc_steps']} AUC steps")
+        if extra:
+            layers.append(f"{r.label}: " + ", ".join(extra))
     out = []
     if len(said) == 1 and not unknown:
         out.append(f"Every map attributes {next(iter(said))}.")
@@ -592,8 +600,12 @@ def synthesis(runs: list[RunData]) -> dict:
             rows.append(out)
         cls = df[df["kind"] == "class"] if df is not None else pd.DataFrame()
         predicted = r.metrics["synthesis"].get("class_probability", {}).get("predicted")
-        if len(cls) and "probability" in cls and C_is_estimate(predicted):
-            classes.append({"run": r.label, "class images": len(cls), "mean probability": float(cls["probability"].mean()),
+        if len(cls) and "probability" in cls and is_estimate(predicted):
+            objective = ", ".join(sorted(set(cls["objective_name"].dropna().astype(str)))) if "objective_name" in cls else ""
+            classes.append({"run": r.label, "class images": len(cls),
+                            "optimised for": {"class_logit": "the class logit (before any softmax)",
+                                              "class_log_prob": "the class log-probability"}.get(objective, objective or "not recorded"),
+                            "mean probability": float(cls["probability"].mean()),
                             "min probability": float(cls["probability"].min()),
                             "predicted as their class [95% CI]": fmt_estimate(predicted)})
             s["claims"].append(claim("synthesis", r.label, "class images the model predicts as their class",
@@ -764,7 +776,7 @@ def baseline(runs: list[RunData]) -> dict | None:
         if mt is not None and mu is not None:
             for kind in ("deletion", "insertion"):
                 col, rcol = f"{kind}_auc", f"{kind}_auc_random"
-                if col not in mt or rcol not in mt or col not in mu or rcol not in mu:
+                if not all(c in d for d in (mt, mu) for c in (col, rcol, "target_kind", "image", "method")):
                     continue
                 a = mt[mt["target_kind"] == "true"].assign(e=lambda d: d[col] - d[rcol])
                 b = mu[mu["target_kind"] == "true"].assign(e=lambda d: d[col] - d[rcol])
