@@ -18,6 +18,14 @@ from probe.geometry.invariance import invariance_table, transforms
 from probe.geometry.transforms import affine, shift
 
 
+def wilson(k, n, z=1.959963984540054):
+    """Wilson's score interval, written out (Wilson 1927; Brown, Cai & DasGupta 2001, eq. 4)."""
+    p = k / n
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z * np.sqrt(n) / (n + z * z) * np.sqrt(p * (1 - p) + z * z / (4 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def circular_stack(stride2: bool = False) -> nn.Sequential:
     torch.manual_seed(0)
     layers = [nn.Conv2d(1, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
@@ -179,10 +187,14 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
                 "dynamics.parquet", "dynamics_filters.npz", "dynamics.png", "dynamics_filters.png"}
     assert expected <= {p.name for p in out.iterdir()}
     eq = pd.read_parquet(out / "equivariance.parquet")
-    # tiny_cnn: conv1 and pool (stride 2) and conv2 have maps; fc and the global pool do not
-    assert set(eq["layer"]) == {"conv1", "pool", "conv2"}
-    assert len(eq) == 3 * 2 * 1 * 2
+    # tiny_cnn: conv1 and pool (stride 2) and conv2 have maps; the global pool's is 1x1 (a row that says it
+    # cannot be measured), fc has none
+    assert set(eq["layer"]) == {"conv1", "pool", "conv2", "gap"}
+    assert len(eq) == 4 * 2 * 1 * 2
     assert eq[(eq["layer"] == "conv2") & (eq["shift"] == 1)]["fractional"].all()
+    gap = eq[eq["layer"] == "gap"]
+    assert (~gap["measurable"]).all() and gap["error"].isna().all() and (gap[["map_h", "map_w"]] == 1).all().all()
+    assert eq[eq["layer"] != "gap"]["measurable"].all()
     inv = pd.read_parquet(out / "invariance.parquet")
     assert set(inv["transform"]) == {"shift", "rotate", "scale"}
     # the stage's survival agrees with a direct forward pass on the same probe images
@@ -207,8 +219,13 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     assert set(dyn["epoch"]) == {0, 1} and dyn["dead_fraction"].between(0, 1).all()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"equivariance", "survival", "erf"}
-    assert metrics["survival"]["shift1"] == pytest.approx(
-        inv[(inv["layer"] == "output") & (inv["transform"] == "shift") & (inv["mode"] == "zero") & (inv["amount"] == 1)]["survival"].mean())
+    k = int((p0 == p1).sum())
+    got = metrics["survival"]["shift1_x_zero"]
+    assert (got["k"], got["n"], got["method"]) == (k, 20, "wilson") and got["value"] == pytest.approx(k / 20)
+    assert (got["low"], got["high"]) == pytest.approx(wilson(k, 20))
+    assert row["k"].item() == k and row["n"].item() == 20
+    assert set(metrics["equivariance"]) == {"conv1", "pool", "conv2", "gap"}
+    assert metrics["equivariance"]["gap"] == {"map_h": 1, "map_w": 1, "stride": 16.0, "measurable": False}
     # bad config: exit 2, nothing lost
     before = sorted(p.name for p in out.iterdir())
     assert main(["geometry", f"run={run}", "shift.modes=[wrap]"]) == 2
@@ -265,3 +282,68 @@ def test_snapshot_synthetic_images_activate_their_channel(tmp_path):
             assert reached[i, i] > baseline[i, i]
             row = table[(table["epoch"] == epoch) & (table["channel"] == i)]
             assert abs(float(row["activation"].iloc[0]) - float(reached[i, i])) < 1e-4
+
+
+def test_lenet5_equivariance_is_named_by_the_layer_it_was_measured_on():
+    """LeNet-5's conv3 maps 5x5 to 1x1: no shift can be seen there. Every row and every headline entry must
+    name the layer it was measured on, with that layer's own map size, and hold that layer's error
+    (recomputed here with hooks and torch.roll, per layer); conv3 is there, says it cannot be measured, and
+    carries no number: a "last conv" entry silently holding conv2's error cannot happen."""
+    from probe.capture import default_layers
+    from probe.geometry.stage import equivariance_headline, shift_tables, survival_headline
+    from probe.models import build
+
+    torch.manual_seed(0)
+    model = build("lenet5").eval()
+    x, y = torch.randn(6, 1, 32, 32), torch.randint(0, 10, (6,))
+    layers = default_layers(model)
+    fields = fields_for(model, x, layers)
+    ts = transforms([1, 2], ["x", "y"], ["circular", "zero"], [], [], fill=-0.4)
+    eq, inv = shift_tables(model, x, y, layers, fields, ts, 64, torch.device("cpu"))
+
+    mods = dict(model.named_modules())
+
+    def outputs(z):
+        got = {}
+        hooks = [mods[n].register_forward_hook(lambda m, a, o, n=n: got.__setitem__(n, o.detach().double())) for n in layers]
+        with torch.no_grad():
+            logits = model(z)
+        for h in hooks:
+            h.remove()
+        return logits, got
+
+    logits0, base = outputs(x)
+    shapes = {n: tuple(t.shape) for n, t in base.items()}
+    assert shapes["conv3"][-2:] == (1, 1) and shapes["conv2"][-2:] == (10, 10)
+    spatial = [n for n in layers if len(shapes[n]) == 4]
+    assert set(eq["layer"]) == set(spatial)  # every layer with a map has rows, conv3 included
+    for r in eq.itertuples():
+        assert (r.map_h, r.map_w) == shapes[r.layer][-2:]
+        assert r.measurable == (shapes[r.layer][-1 if r.axis == "x" else -2] > 1)
+    head = equivariance_headline(eq)
+    strides = {"conv1": 1, "pool1": 2, "conv2": 2, "pool2": 4, "conv3": 4}  # input pixels between units, by hand
+    assert head["conv3"] == {"map_h": 1, "map_w": 1, "stride": 4.0, "measurable": False}
+    for name in spatial:
+        if name == "conv3":
+            continue
+        assert (head[name]["map_h"], head[name]["map_w"]) == shapes[name][-2:]
+        stride = strides[name]
+        assert head[name]["stride"] == stride
+        errs = []
+        for dim in (-1, -2):  # circular shift by 1 px; feature shifts floor and ceil of 1 / stride
+            _, moved = outputs(torch.roll(x, 1, dims=dim))
+            ks = {int(np.floor(1 / stride)), int(np.ceil(1 / stride))}
+            errs.append(min(float((moved[name] - torch.roll(base[name], k, dims=dim)).norm() / base[name].norm()) for k in ks))
+        assert head[name]["shift1_circular"] == pytest.approx(np.mean(errs), rel=1e-5)
+    assert head["conv2"]["shift1_circular"] != pytest.approx(head["conv1"]["shift1_circular"])
+
+    # survival per shift: k of n against a direct count, Wilson's interval against its closed form
+    surv = survival_headline(inv)
+    pred0 = logits0.argmax(1)
+    for t in ts:
+        logits, _ = outputs(t.apply(x))
+        k = int((logits.argmax(1) == pred0).sum())
+        got = surv[f"shift{int(t.amount)}_{t.axis}_{t.mode}"]
+        assert (got["k"], got["n"]) == (k, 6)
+        assert (got["low"], got["high"]) == pytest.approx(wilson(k, 6))
+    assert surv["accuracy_clean"]["k"] == int((pred0 == y).sum())

@@ -344,6 +344,127 @@ def test_deep_dream_raises_the_layer_norm_on_a_fixed_size_model():
     assert out.min() >= 0 and out.max() <= 1
 
 
+# ---------------------------------------------------------------- margins against the best dataset image
+
+def correlate_valid(img: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Cross-correlation without padding, in float64 loops (what Conv2d computes)."""
+    h, w = img.shape[0] - k.shape[0] + 1, img.shape[1] - k.shape[1] + 1
+    return np.array([[float((img[i:i + k.shape[0], j:j + k.shape[1]] * k).sum()) for j in range(w)] for i in range(h)])
+
+
+def test_margins_at_the_mean_and_at_the_peak_of_a_template_filter_in_closed_form(tmp_path):
+    """A linear template filter ``T`` (11x11, Gaussian weights) on 13x13 images: a 3x3 map. Its spatial mean
+    is linear in the image, with pixel weights ``C = sum over positions of T shifted there``; the image in
+    [0, 1] (normalised to [-1, 1]) that maximises it is ``sign(C)``, so the synthetic image's mean is
+    ``sum |C| / 9`` and its peak the best window of ``sign(C)`` against ``T``. A dataset image holding
+    ``sign(T)`` reaches the largest peak possible, ``sum |T|``: the synthetic image out-activates it at the
+    mean but not at the peak. Channel 1 is the same filter with bias -200: every activation is negative,
+    the margins are those of channel 0 (the bias cancels), the ratios are undefined."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from probe.synthesis.config import ParamConfig, SynthesisConfig, TransformConfig
+    from probe.synthesis.stage import _attach_dataset_best, metrics_table, render_channels, summary_metrics
+
+    T = np.random.default_rng(3).normal(size=(11, 11))  # no pixel weight of C is 0: the optimum is unique
+    conv = nn.Conv2d(1, 2, 11)
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(T).float().expand(2, 1, 11, 11))
+        conv.bias.copy_(torch.tensor([0.0, -200.0]))
+    model = nn.Sequential(conv).eval()
+    coef = sum(np.pad(T, ((i, 2 - i), (j, 2 - j))) for i in range(3) for j in range(3))  # (13, 13)
+    best_synthetic = np.sign(coef)  # normalised pixels; where coef == 0 there is no gradient: they stay at 0
+    m_star = np.abs(coef).sum() / 9
+    p_star = correlate_valid(best_synthetic, T).max()
+    assert p_star < np.abs(T).sum()  # sign(C) is not sign(T) at any position
+
+    template = np.zeros((13, 13))
+    template[:11, :11] = np.sign(T)
+    rng = np.random.default_rng(0)
+    dataset = np.stack([template, rng.uniform(-1, 1, (13, 13)), 0.6 * np.sign(coef)])  # normalised
+    maps = [correlate_valid(d, T) for d in dataset]
+    best_mean, best_peak = max(m.mean() for m in maps), max(m.max() for m in maps)
+    assert best_peak == pytest.approx(np.abs(T).sum()) and best_mean < m_star
+
+    pixels = torch.from_numpy((dataset + 1) / 2).float()[:, None]  # the loader gives normalised images
+    ds = TensorDataset((pixels - 0.5) / 0.5, torch.zeros(3, dtype=torch.long))
+    s = SynthesisConfig(steps=300, lr=0.1, redirect_relu_steps=0, param=ParamConfig(kind="pixel", decorrelate=False),
+                        transforms=TransformConfig(enabled=False))
+    ctx = SimpleNamespace(run=SimpleNamespace(model=model, path=tmp_path), device="cpu", dataset=ds,
+                          data=SimpleNamespace(channels=1, mean=[0.5], std=[0.5]))
+    cfg = SimpleNamespace(data=SimpleNamespace(split="test", batch_size=2))
+    rows, images = render_channels(ctx, s, ["0"], {"0": 2}, 13, torch.eye(1), seed=0)
+    _attach_dataset_best(ctx, cfg, rows, ["0"])
+    df = metrics_table(rows)
+
+    # the rendered image, by brute force: close to the closed-form optimum (Adam slows as the sigmoid saturates)
+    synth = correlate_valid((images[0, 0].astype(np.float64) - 0.5) / 0.5, T)
+    mean, peak = synth.mean(), synth.max()
+    assert mean == pytest.approx(m_star, rel=1e-2) and peak == pytest.approx(p_star, rel=1e-2)
+    assert mean > best_mean and peak < best_peak
+    for c, bias in ((0, 0.0), (1, -200.0)):
+        row = df.iloc[c]
+        assert row.activation == pytest.approx(mean + bias, abs=1e-3)
+        assert row.activation_peak == pytest.approx(peak + bias, abs=1e-3)
+        assert row.dataset_activation == pytest.approx(best_mean + bias, abs=1e-4)
+        assert row.dataset_peak == pytest.approx(best_peak + bias, abs=1e-4)
+        assert row.margin == pytest.approx(mean - best_mean, abs=1e-3)
+        assert row.margin_peak == pytest.approx(peak - best_peak, abs=1e-3)
+        assert bool(row.out_activates) and not bool(row.out_activates_peak)
+    assert df.ratio.iloc[0] == pytest.approx(mean / best_mean, rel=1e-5)
+    assert df.ratio_peak.iloc[0] == pytest.approx(peak / best_peak, rel=1e-5)
+    assert math.isnan(df.ratio.iloc[1]) and math.isnan(df.ratio_peak.iloc[1])  # denominators < 0
+    m = summary_metrics(df)["channel"]["0"]
+    assert m["out_activates_mean"]["k"] == 2 and m["out_activates_peak"]["k"] == 0
+    assert m["median_margin_mean"] == pytest.approx(mean - best_mean, abs=1e-3)
+    assert m["median_ratio_mean"] == pytest.approx(mean / best_mean, rel=1e-5)  # channel 1 not averaged in
+    assert m["ratio_defined_mean"] == 1 and m["ratio_defined_peak"] == 1
+
+
+class FunctionalHead(nn.Module):
+    """Logits from a linear layer, then a functional log_softmax (no (Log)Softmax module at all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x):
+        return torch.log_softmax(self.fc(torch.relu(self.conv(x)).flatten(1)), dim=1)
+
+
+@pytest.mark.parametrize("head", ["module", "functional", "none"])
+def test_class_images_maximise_the_logit_before_any_softmax(head):
+    """The objective ``class_logit`` is the class's score before the model's (log-)softmax, whatever form
+    that takes (Simonyan et al. 2014, section 2), checked against the linear layer's output computed by
+    hand in float64; optimising it raises that score."""
+    torch.manual_seed(5)
+    if head == "functional":
+        model = FunctionalHead().eval()
+        scores = lambda x: model.fc(torch.relu(model.conv(x)).flatten(1))  # noqa: E731
+    else:
+        body = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4))
+        model = nn.Sequential(body, nn.LogSoftmax(dim=1)).eval() if head == "module" else body.eval()
+        scores = body
+    classes = [0, 3, 2]
+    p = ImageParam(3, 1, 8, kind="pixel", seeds=[1, 2, 3])
+    start = render(model, O.class_logit(classes), p, steps=0, mean=[0.5], std=[0.5])  # no step: the initial images
+    x = (start.pixels.double() - 0.5) / 0.5
+    model.double()
+    with torch.no_grad():
+        z = scores(x)
+    model.float()
+    expected = z[torch.arange(3), classes]
+    assert torch.allclose(start.objective.double(), expected, atol=1e-5)
+    assert torch.allclose(start.acts[O.LOGITS].double(), z, atol=1e-5)
+    if head != "none":  # a log-probability is below 0; these scores are not normalised
+        assert not torch.allclose(torch.logsumexp(start.acts[O.LOGITS], 1), torch.zeros(3), atol=1e-3)
+    after = render(model, O.class_logit(classes), ImageParam(3, 1, 8, kind="pixel", seeds=[1, 2, 3]), steps=10,
+                   mean=[0.5], std=[0.5])
+    assert (after.objective > start.objective).all()
+
+
 # ---------------------------------------------------------------- the stage
 
 @pytest.fixture(scope="module")
@@ -360,8 +481,9 @@ CHEAP = ["synthesis.steps=6", "synthesis.class_images.steps=6", "synthesis.dream
          "synthesis.dream.zoom_steps=2", "synthesis.batch_size=5", "data.limit=60", "device=cpu"]
 
 
-def brute_force_top1(run_dir, layers, limit):
-    """The largest channel spatial mean over the first ``limit`` test images, one image at a time."""
+def brute_force_best(run_dir, layers, limit):
+    """Per layer, over the first ``limit`` test images one at a time: the largest channel spatial mean and
+    the largest value at any position."""
     from probe.analysis import data_config
     from probe.data import load_data
     from probe.rundir import load_run
@@ -369,7 +491,7 @@ def brute_force_top1(run_dir, layers, limit):
     run = load_run(run_dir)
     data = load_data(data_config(run.card), run.card["model"]["in_channels"])
     mods = dict(run.model.named_modules())
-    best = {}
+    best, peak = {}, {}
     for i in range(limit):
         x = data.test[i][0][None]
         outs = {}
@@ -379,9 +501,18 @@ def brute_force_top1(run_dir, layers, limit):
         for h in hooks:
             h.remove()
         for n in layers:
-            v = outs[n][0].flatten(1).mean(1)
+            v, p = outs[n][0].flatten(1).mean(1), outs[n][0].flatten(1).max(1).values
             best[n] = v if n not in best else torch.maximum(best[n], v)
-    return run, data, best
+            peak[n] = p if n not in peak else torch.maximum(peak[n], p)
+    return run, data, best, peak
+
+
+def wilson(k, n, z=1.959963984540054):
+    """Wilson's score interval, written out (Wilson 1927, eq. as in Brown, Cai & DasGupta 2001, eq. 4)."""
+    p = k / n
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z * math.sqrt(n) / (n + z * z) * math.sqrt(p * (1 - p) + z * z / (4 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def test_cli_end_to_end(tiny_run, tmp_path):
@@ -401,40 +532,71 @@ def test_cli_end_to_end(tiny_run, tmp_path):
     for k in ("channel", "class", "dream", "zoom"):
         assert imgs[k].min() >= 0 and imgs[k].max() <= 1
 
-    # activation reached, recomputed from the saved images; dataset top-1 by brute force
-    run, data, best = brute_force_top1(tiny_run, ["conv1", "conv2"], 60)
+    # activation reached (mean and peak), recomputed from the saved images; the dataset's best by brute force
+    run, data, best, peak = brute_force_best(tiny_run, ["conv1", "conv2"], 60)
     m, s = data.mean[0], data.std[0]
     x = torch.from_numpy(imgs["channel"][ch.image.to_numpy()])
     with torch.no_grad():
         a1 = run.model.conv1((x - m) / s)
         a2 = run.model.conv2(run.model.pool(run.model.relu1(a1)))
     for r, (_, row) in enumerate(ch.iterrows()):
-        a = (a1 if row.layer == "conv1" else a2)[r, row.channel].mean()
-        assert row.activation == pytest.approx(float(a), abs=1e-4)
-        assert row.dataset_activation == pytest.approx(float(best[row.layer][row.channel]), abs=1e-4)
-        assert row.out_activates == (row.activation > row.dataset_activation)
+        a = (a1 if row.layer == "conv1" else a2)[r, row.channel]
+        assert row.activation == pytest.approx(float(a.mean()), abs=1e-4)
+        assert row.activation_peak == pytest.approx(float(a.max()), abs=1e-4)
+        d, dp = float(best[row.layer][row.channel]), float(peak[row.layer][row.channel])
+        assert row.dataset_activation == pytest.approx(d, abs=1e-4)
+        assert row.dataset_peak == pytest.approx(dp, abs=1e-4)
+        assert row.margin == pytest.approx(float(a.mean()) - d, abs=2e-4)
+        assert row.margin_peak == pytest.approx(float(a.max()) - dp, abs=2e-4)
+        assert row.out_activates == (row.margin > 0) and row.out_activates_peak == (row.margin_peak > 0)
+        assert (math.isnan(row.ratio) if d <= 0 else row.ratio == pytest.approx(row.activation / d))
+        assert (math.isnan(row.ratio_peak) if dp <= 0 else row.ratio_peak == pytest.approx(row.activation_peak / dp))
     assert (ch.dataset_source == "computed:test").all()
+    assert (ch.objective_name == ch.layer.map(lambda n: f"channel[{n}]")).all()
 
-    # class probabilities, recomputed
+    # class probabilities, recomputed; the objective is the logit (tiny_cnn ends in logits)
     cl = df[df.kind == "class"]
+    assert cl.objective_name.str.contains("class_logit", regex=False).all()
+    assert not cl.objective_name.str.contains("log_prob", regex=False).any()
     with torch.no_grad():
-        p = torch.softmax(run.model((torch.from_numpy(imgs["class"]) - m) / s), 1)
-    assert np.allclose(cl.probability, p[torch.arange(10), cl["class"].to_numpy()], atol=1e-5)
+        z = run.model((torch.from_numpy(imgs["class"]) - m) / s)
+    p = torch.softmax(z.double(), 1)
+    idx = torch.arange(10), torch.as_tensor(cl["class"].to_numpy(dtype=np.int64))
+    assert np.allclose(cl.probability, p[idx], atol=1e-5)
+    assert np.allclose(cl.activation, z[idx], atol=1e-4)
 
     metrics = json.loads((out / "metrics.json").read_text())
-    for layer, g in ch.groupby("layer"):
-        assert metrics["channel_out_activates"][layer] == pytest.approx(g.out_activates.mean())
+    for layer, g in list(ch.groupby("layer")) + [("all", ch)]:
+        got = metrics["channel"][layer]
+        assert got["channels"] == len(g)
+        for tag, col, ref in (("mean", "activation", "dataset_activation"), ("peak", "activation_peak", "dataset_peak")):
+            margins = (g[col] - g[ref]).to_numpy()
+            k = int((margins > 0).sum())
+            est = got[f"out_activates_{tag}"]
+            assert (est["k"], est["n"], est["method"]) == (k, len(g), "wilson")
+            assert est["value"] == pytest.approx(k / len(g))
+            assert (est["low"], est["high"]) == pytest.approx(wilson(k, len(g)))
+            assert got[f"median_margin_{tag}"] == pytest.approx(float(np.median(margins)), abs=2e-4)
+            assert got[f"margin_{tag}"]["effect"] == pytest.approx(float(margins.mean()), abs=2e-4)
+            positive = g[g[ref] > 0]
+            assert got[f"ratio_defined_{tag}"] == len(positive)
+    hit = int((cl["predicted"] == cl["class"]).sum())
     assert metrics["class_probability"]["min"] == pytest.approx(cl.probability.min())
+    assert metrics["class_probability"]["mean"] == pytest.approx(cl.probability.mean())
+    assert metrics["class_probability"]["predicted"]["k"] == hit
 
 
-def test_stage_uses_exemplars_when_present_and_is_deterministic(tiny_run, tmp_path):
+def test_stage_uses_the_activations_stage_when_present_and_is_deterministic(tiny_run, tmp_path):
     from probe.cli import main
 
     ex = pd.DataFrame({"layer": ["conv1"] * 8, "channel": [0, 1, 2, 3] * 2, "rank": [0] * 4 + [1] * 4,
                        "index": range(8), "value": [100.0, -100.0, 0.5, 0.25, 1, 1, 1, 1], "max_value": 0.0,
                        "y": 0, "x": 0, "label": 0})
-    (tiny_run / "activations").mkdir(exist_ok=True)
-    ex.to_parquet(tiny_run / "activations" / "exemplars.parquet", index=False)
+    stats = pd.DataFrame({"layer": "conv1", "channel": [0, 1, 2, 3], "max": [200.0, -50.0, 0.0, 3.0]})
+    folder = tiny_run / "activations"
+    folder.mkdir(exist_ok=True)
+    ex.to_parquet(folder / "exemplars.parquet", index=False)
+    stats.to_parquet(folder / "stats.parquet", index=False)
     try:
         args = ["synthesize", f"run={tiny_run}", f"hydra.run.dir={tmp_path}/logs", "synthesis.class_images.enabled=false",
                 "synthesis.dream.enabled=false", "synthesis.channels=[1,3]"] + CHEAP
@@ -444,14 +606,24 @@ def test_stage_uses_exemplars_when_present_and_is_deterministic(tiny_run, tmp_pa
         assert main(args) == 0
         second = {f: (tiny_run / "synthesis" / f).read_bytes() for f in first}
     finally:
-        (tiny_run / "activations" / "exemplars.parquet").unlink()
+        for f in ("exemplars.parquet", "stats.parquet"):
+            (folder / f).unlink()
     assert first == second  # same seed, same bytes
     assert list(df.kind.unique()) == ["channel"] and df.channel.tolist() == [1, 3, 1, 3]
     c1 = df[df.layer == "conv1"]
-    assert c1.dataset_activation.tolist() == [-100.0, 0.25]
-    assert (c1.dataset_source == "activations/exemplars.parquet").all()
-    assert bool(c1.out_activates.iloc[0]) and c1.ratio.iloc[1] == pytest.approx(c1.activation.iloc[1] / 0.25)
-    assert (df[df.layer == "conv2"].dataset_source == "computed:test").all()  # not in the exemplars: computed
+    assert c1.dataset_activation.tolist() == [-100.0, 0.25] and c1.dataset_peak.tolist() == [-50.0, 3.0]
+    assert (c1.dataset_source == "activations").all()
+    # a best dataset activation <= 0: no ratio, but a margin (and the comparison) all the same
+    neg = c1.iloc[0]
+    assert math.isnan(neg.ratio) and math.isnan(neg.ratio_peak)
+    assert neg.margin == pytest.approx(neg.activation + 100.0) and neg.margin_peak == pytest.approx(neg.activation_peak + 50.0)
+    assert bool(neg.out_activates) == (neg.activation > -100.0)
+    assert c1.ratio.iloc[1] == pytest.approx(c1.activation.iloc[1] / 0.25)
+    assert c1.ratio_peak.iloc[1] == pytest.approx(c1.activation_peak.iloc[1] / 3.0)
+    assert (df[df.layer == "conv2"].dataset_source == "computed:test").all()  # not in the activations stage: computed
+    m = json.loads(first["metrics.json"])["channel"]["conv1"]
+    assert m["ratio_defined_mean"] == 1 and m["ratio_defined_peak"] == 1
+    assert m["median_ratio_mean"] == pytest.approx(c1.activation.iloc[1] / 0.25)  # the NaN ratio is not averaged in
 
 
 @pytest.mark.parametrize("override", ["synthesis.channels=-1", "synthesis.layers=[conv9]", "synthesis.param.kind=wavelet",

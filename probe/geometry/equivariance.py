@@ -3,6 +3,12 @@
 ``T`` moves the input by ``n`` pixels; ``T'`` moves a layer's map by ``n / stride`` units. Where
 ``n`` is not a multiple of the stride no integer ``T'`` exists (the map is sub-sampled: aliasing);
 there the error is the smaller of the floor and ceiling shifts and the row is marked ``fractional``.
+
+Every layer with a spatial output ``(N, C, H, W)`` gets a row, named by the layer with its map size
+(``map_h`` x ``map_w``). A map is too small for a shift along an axis when it has a single unit
+there or no more units than the feature shift ``k`` compared (:func:`measurable`): a 1x1 map cannot
+show a shift error (rolling it by ``k`` changes nothing, so ``f(Tx)`` against ``f(x)`` would measure
+invariance, not equivariance). Such rows say ``measurable = False`` and carry no error (NaN).
 """
 
 from __future__ import annotations
@@ -27,8 +33,15 @@ def normalised_error(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def has_map(y: torch.Tensor) -> bool:
-    """A spatial map on which a shift means something (more than one unit along both axes)."""
-    return y.dim() == 4 and y.shape[-1] > 1 and y.shape[-2] > 1
+    """A spatial output ``(N, C, H, W)`` (a row of the table; whether a shift can be seen on it is :func:`measurable`)."""
+    return y.dim() == 4
+
+
+def measurable(length: int, ks: list[int]) -> bool:
+    """Whether a map ``length`` units long along the shifted axis can show an error of the feature shifts
+    ``ks``: at least two units, and more than ``|k|`` (else a circular roll by ``k`` is the identity or
+    wraps onto itself, and a zero-filled shift leaves nothing of ``f(x)`` to compare)."""
+    return length >= 2 and all(abs(k) < length for k in ks)
 
 
 def interior_units(f: LayerField, axis: str, length: int, image: int, n: int, k: int) -> torch.Tensor:
@@ -52,7 +65,7 @@ def equivariance_rows(base: dict[str, torch.Tensor], moved: dict[str, torch.Tens
                       image: int) -> list[dict]:
     """Rows for one shift: ``base``/``moved`` are the layers' outputs for ``x`` (``image`` pixels along
     ``axis``) and for ``x`` shifted by ``n`` pixels along ``axis`` with border ``mode``; layers without a
-    spatial map are skipped."""
+    spatial output (linear layers) are skipped, maps too small for the shift get ``measurable = False``."""
     dim = AXIS_DIM[axis]
     rows = []
     for name in layers:
@@ -62,29 +75,36 @@ def equivariance_rows(base: dict[str, torch.Tensor], moved: dict[str, torch.Tens
         exact = n / stride
         fractional = abs(exact - round(exact)) > 1e-6
         ks = sorted({math.floor(exact), math.ceil(exact)}) if fractional else [round(exact)]
-        errs = [(normalised_error(*overlap(moved[name], base[name], k, dim, mode)), k) for k in ks]
-        finite = [e for e in errs if not math.isnan(e[0])]
-        err, k = min(finite) if finite else errs[0]
-        u = interior_units(fields[name], axis, base[name].shape[dim], image, n, k)
-        err_in = normalised_error(moved[name].index_select(dim, u), base[name].index_select(dim, u - k))
+        length = base[name].shape[dim]
+        ok = measurable(length, ks)
+        nan = float("nan")
+        if ok:
+            errs = [(normalised_error(*overlap(moved[name], base[name], k, dim, mode)), k) for k in ks]
+            finite = [e for e in errs if not math.isnan(e[0])]
+            err, k = min(finite) if finite else errs[0]
+            u = interior_units(fields[name], axis, length, image, n, k)
+            err_in = normalised_error(moved[name].index_select(dim, u), base[name].index_select(dim, u - k))
+        else:
+            err, k, err_in, u = nan, ks[-1], nan, []
         rows.append({"layer": name, "type": types[name], "depth": layers.index(name), "mode": mode,
                      "axis": axis, "shift": int(n), "stride": float(stride), "feature_shift": int(k),
-                     "feature_shift_exact": float(exact), "fractional": bool(fractional),
+                     "feature_shift_exact": float(exact), "fractional": bool(fractional), "measurable": bool(ok),
                      "error": err, "error_interior": err_in, "interior_units": int(len(u)),
-                     "map_size": int(base[name].shape[dim])})
+                     "map_size": int(length), "map_h": int(base[name].shape[-2]), "map_w": int(base[name].shape[-1])})
     return rows
 
 
 def equivariance_table(model: nn.Module, x: torch.Tensor, layers: list[str], fields: dict[str, LayerField],
                        shifts: list[int], axes: list[str], modes: list[str], fill: torch.Tensor | float = 0.0,
                        batch_size: int = 128, device: torch.device | str = "cpu") -> pd.DataFrame:
-    """One row per (layer with a spatial map, mode, axis, shift) for images ``x`` ``(N, C, H, W)``.
+    """One row per (layer with a spatial output, mode, axis, shift) for images ``x`` ``(N, C, H, W)``.
 
     Columns: layer, type, depth (index in ``layers``), mode, axis, shift (input pixels), stride,
     feature_shift (map units compared), feature_shift_exact (shift / stride), fractional, error
     (circular: whole maps; zero: the overlap), error_interior and interior_units (only units whose
     receptive field sees neither padding nor what came in at the border: NaN when there are none),
-    map_size (units along the axis).
+    map_size (units along the axis), map_h and map_w (the layer's output size), measurable (False: the
+    map is too small for the shift, see :func:`measurable`; error and error_interior are NaN).
     """
     _, base = layer_outputs(model, x, layers, batch_size, device)
     spatial = [n for n in layers if n in base and has_map(base[n])]
@@ -99,4 +119,4 @@ def equivariance_table(model: nn.Module, x: torch.Tensor, layers: list[str], fie
 
 
 COLUMNS = ["layer", "type", "depth", "mode", "axis", "shift", "stride", "feature_shift", "feature_shift_exact",
-           "fractional", "error", "error_interior", "interior_units", "map_size"]
+           "fractional", "measurable", "error", "error_interior", "interior_units", "map_size", "map_h", "map_w"]

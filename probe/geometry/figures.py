@@ -64,15 +64,20 @@ def erf_vs_depth(erf: pd.DataFrame, path: Path) -> None:
 
 
 def equivariance_by_depth(eq: pd.DataFrame, path: Path) -> None:
-    """Normalised equivariance error per layer, one line per shift, one panel per border mode."""
+    """Normalised equivariance error per layer (named with its map size), one line per shift, one panel per
+    border mode; layers whose map is too small for a shift (``measurable`` False) are left out of that shift."""
+    eq = eq[eq["measurable"]]
     modes = list(eq["mode"].unique())
-    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(4.2 * max(len(modes), 1), 3.2), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
-        g = eq[eq["mode"] == mode].groupby(["depth", "layer", "shift"], as_index=False)["error"].mean()
-        names = g.drop_duplicates("depth").sort_values("depth")["layer"].tolist()
+        g = eq[eq["mode"] == mode].groupby(["depth", "layer", "map_h", "map_w", "shift"], as_index=False)["error"].mean()
+        names = g.drop_duplicates("depth").sort_values("depth")
+        pos = {d: i for i, d in enumerate(names["depth"])}
         for n, s in g.groupby("shift"):
-            ax.plot(np.arange(len(s)), s.sort_values("depth")["error"], marker="o", label=f"shift {n}")
-        ax.set_xticks(np.arange(len(names)), names, rotation=45, ha="right", fontsize=7)
+            s = s.sort_values("depth")
+            ax.plot([pos[d] for d in s["depth"]], s["error"], marker="o", label=f"shift {n}")
+        ax.set_xticks(np.arange(len(names)), [f"{r.layer} ({r.map_h}x{r.map_w})" for r in names.itertuples()],
+                      rotation=45, ha="right", fontsize=7)
         ax.set_title(f"{mode} shifts", fontsize=9)
         ax.set_ylabel("||f(Tx) - T'f(x)|| / ||f(x)||")
         ax.legend(fontsize=7)
@@ -80,13 +85,13 @@ def equivariance_by_depth(eq: pd.DataFrame, path: Path) -> None:
 
 
 def shift_survival(inv: pd.DataFrame, path: Path) -> None:
-    """Share of probe images whose predicted class survives a shift, against the shift."""
-    out = inv[(inv["layer"] == "output") & (inv["transform"] == "shift")]
-    g = out.groupby(["mode", "amount"], as_index=False)[["survival", "accuracy"]].mean()
+    """Share of probe images whose predicted class survives a shift, against the shift, per border mode and
+    axis, with Wilson's 95% interval as error bars."""
+    out = inv[(inv["layer"] == "output") & (inv["transform"] == "shift")].sort_values("amount")
     fig, ax = plt.subplots(figsize=(4.2, 3.0))
-    for mode, s in g.groupby("mode"):
-        ax.plot(s["amount"], s["survival"], marker="o", label=f"prediction kept ({mode})")
-        ax.plot(s["amount"], s["accuracy"], marker="x", ls=":", label=f"accuracy ({mode})")
+    for (mode, axis), s in out.groupby(["mode", "axis"]):
+        err = np.stack([s["survival"] - s["survival_low"], s["survival_high"] - s["survival"]]).astype(float)
+        ax.errorbar(s["amount"], s["survival"], yerr=err, marker="o", capsize=2, label=f"prediction kept ({mode}, {axis})")
     ax.set_xlabel("shift (input pixels)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)

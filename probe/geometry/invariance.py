@@ -14,6 +14,7 @@ import torch.nn as nn
 from probe.geometry.equivariance import normalised_error
 from probe.geometry.forward import layer_outputs, module_types
 from probe.geometry.transforms import AXIS_DIM, affine, shift
+from probe.uncertainty import proportion_interval
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,19 @@ def invariance_rows(t: Transform, out0: torch.Tensor, base: dict[str, torch.Tens
     ``out``/``acts`` those for the transformed images, ``y`` the labels."""
     key = {"transform": t.kind, "amount": t.amount, "axis": t.axis, "mode": t.mode}
     pred0, pred = out0.argmax(1), out.argmax(1)
+    k, n = int((pred == pred0).sum()), len(pred)
+    survival = proportion_interval(k, n)
     rows = [{**key, "layer": "output", "type": "output", "depth": len(layers), "change": normalised_error(out, out0),
              "prob_change": float(0.5 * (out.softmax(1) - out0.softmax(1)).abs().sum(1).mean()),
-             "survival": float((pred == pred0).float().mean()),
+             "survival": survival.value, "k": k, "n": n, "survival_low": survival.low, "survival_high": survival.high,
              "accuracy": float((pred == y).float().mean()), "accuracy_clean": float((pred0 == y).float().mean())}]
     nan = float("nan")
-    for i, n in enumerate(layers):
-        if n in base and n in acts:
-            rows.append({**key, "layer": n, "type": types[n], "depth": i,
-                         "change": normalised_error(pooled(acts[n]), pooled(base[n])),
-                         "prob_change": nan, "survival": nan, "accuracy": nan, "accuracy_clean": nan})
+    for i, name in enumerate(layers):
+        if name in base and name in acts:
+            rows.append({**key, "layer": name, "type": types[name], "depth": i,
+                         "change": normalised_error(pooled(acts[name]), pooled(base[name])),
+                         "prob_change": nan, "survival": nan, "k": None, "n": None, "survival_low": nan, "survival_high": nan,
+                         "accuracy": nan, "accuracy_clean": nan})
     return rows
 
 
@@ -66,7 +70,8 @@ def invariance_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers:
 
     ``change``: ``||g(Tx) - g(x)|| / ||g(x)||`` of the pooled features ``g`` (of the raw output for
     ``"output"``). Output rows also carry ``prob_change`` (mean total-variation distance between the
-    softmax probabilities), ``survival`` (share of images whose predicted class is unchanged),
+    softmax probabilities), ``survival`` (share of images whose predicted class is unchanged: ``k`` of
+    ``n``, with Wilson's 95% interval ``survival_low``, ``survival_high``; null on layer rows),
     ``accuracy`` and ``accuracy_clean`` (on the untransformed images).
     """
     out0, base = layer_outputs(model, x, layers, batch_size, device)
@@ -75,8 +80,15 @@ def invariance_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers:
     for t in transforms:
         out, acts = layer_outputs(model, t.apply(x), layers, batch_size, device)
         rows += invariance_rows(t, out0, base, out, acts, y, layers, types)
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return invariance_frame(rows)
+
+
+def invariance_frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table with :data:`COLUMNS`; ``k`` and ``n`` as nullable integers (null on layer rows)."""
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df[["k", "n"]] = df[["k", "n"]].astype("Int64")
+    return df
 
 
 COLUMNS = ["transform", "amount", "axis", "mode", "layer", "type", "depth", "change", "prob_change", "survival",
-           "accuracy", "accuracy_clean"]
+           "k", "n", "survival_low", "survival_high", "accuracy", "accuracy_clean"]

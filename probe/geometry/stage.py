@@ -21,6 +21,7 @@ from probe.geometry.fields import LayerField, layer_fields
 from probe.geometry.forward import layer_outputs, module_types
 from probe.geometry.invariance import Transform, transforms
 from probe.rundir import staged_dir, write_json, write_npz
+from probe.uncertainty import proportion_interval
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def shift_tables(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, layer
             eq += equivariance.equivariance_rows(base, acts, layers, fields, types, t.mode, t.axis, int(t.amount),
                                                    x.shape[-2 if t.axis == "y" else -1])
         inv += invariance.invariance_rows(t, out0, base, out, acts, y, layers, types)
-    return pd.DataFrame(eq, columns=equivariance.COLUMNS), pd.DataFrame(inv, columns=invariance.COLUMNS)
+    return pd.DataFrame(eq, columns=equivariance.COLUMNS), invariance.invariance_frame(inv)
 
 
 def deepest_conv(table: pd.DataFrame, fields: dict[str, LayerField]) -> str | None:
@@ -83,35 +84,57 @@ def _finite(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def equivariance_headline(eq: pd.DataFrame) -> dict[str, dict]:
+    """Per layer with a spatial output, by name: its map size (``map_h``, ``map_w``), stride, and at the
+    smallest shift ``n`` of the table, per border mode, the error (``shift{n}_{mode}``) and the interior
+    error (``shift{n}_{mode}_interior``), each the mean over the axes where the map can show it. A map too
+    small for the shift (a 1x1 map) has ``measurable: false`` and no error: nothing else stands in for it."""
+    out: dict[str, dict] = {}
+    if eq.empty:
+        return out
+    n = int(eq.loc[eq["shift"].abs().idxmin(), "shift"])
+    for name, g in eq.sort_values("depth", kind="stable").groupby("layer", sort=False):
+        sel = g[g["shift"] == n]
+        d = {"map_h": int(g["map_h"].iloc[0]), "map_w": int(g["map_w"].iloc[0]), "stride": _finite(sel["stride"].max()),
+             "measurable": bool(sel["measurable"].any())}
+        for mode, m in sel[sel["measurable"]].groupby("mode", sort=True):
+            d[f"shift{n}_{mode}"] = _finite(m["error"].mean())
+            d[f"shift{n}_{mode}_interior"] = _finite(m["error_interior"].mean())
+        out[str(name)] = {k: v for k, v in d.items() if v is not None}
+    return out
+
+
+def survival_headline(inv: pd.DataFrame) -> dict[str, dict]:
+    """Per shift of the input (``shift{n}_{axis}_{mode}``): the probe images whose predicted class is unchanged,
+    ``k`` of ``n`` with Wilson's interval (:func:`probe.uncertainty.proportion_interval`); the two axes are
+    kept apart (the same images, so not independent trials). ``accuracy_clean``: correct on the untransformed images."""
+    out: dict[str, dict] = {}
+    rows = inv[(inv["layer"] == "output") & (inv["transform"] == "shift")]
+    for r in rows.sort_values(["mode", "axis", "amount"], kind="stable").itertuples():
+        k, n = int(r.k), int(r.n)
+        out[f"shift{int(r.amount)}_{r.axis}_{r.mode}"] = {**proportion_interval(k, n).to_dict(), "k": k}
+    clean = inv[inv["layer"] == "output"]
+    if len(clean):
+        n = int(clean["n"].iloc[0])
+        k = int(round(float(clean["accuracy_clean"].iloc[0]) * n))
+        out["accuracy_clean"] = {**proportion_interval(k, n).to_dict(), "k": k}
+    return out
+
+
 def headline(eq: pd.DataFrame, inv: pd.DataFrame, erf: pd.DataFrame, fields: dict[str, LayerField]) -> dict:
-    """Small two-level dict for DVC: equivariance at shift 1 of the first and last conv, prediction
-    survival (zero-filled shifts, mean over axes), ERF/TRF of the last conv."""
-    out: dict[str, dict] = {"equivariance": {}, "survival": {}, "erf": {}}
-    convs = eq[eq["type"] == "Conv2d"].sort_values("depth")["layer"]
-    if len(convs):
-        for tag, name in (("first_conv", convs.iloc[0]), ("last_conv", deepest_conv(eq, fields))):
-            for mode in eq["mode"].unique():
-                sel = eq[(eq["layer"] == name) & (eq["shift"] == 1) & (eq["mode"] == mode)]
-                if len(sel):
-                    out["equivariance"][f"{tag}_shift1_{mode}"] = _finite(sel["error"].mean())
-                    out["equivariance"][f"{tag}_shift1_{mode}_interior"] = _finite(sel["error_interior"].mean())
+    """Small dict for DVC, every layer named: ``equivariance`` (:func:`equivariance_headline`), ``survival``
+    (:func:`survival_headline`), ``erf``: the ERF side and ERF/TRF ratio per input kind and the TRF of the
+    conv with the largest theoretical field (:func:`deepest_conv`), under its name."""
+    out: dict[str, dict] = {"equivariance": equivariance_headline(eq), "survival": survival_headline(inv), "erf": {}}
     last = deepest_conv(erf, fields)
     if last is not None:
         sel = erf[erf["layer"] == last]
+        d = {}
         for kind, g in sel.groupby("input"):
-            out["erf"][f"last_conv_erf_trf_ratio_{kind}"] = _finite(g["erf_trf_ratio"].iloc[0])
-            out["erf"][f"last_conv_erf_side_{kind}"] = _finite(g["erf_side"].iloc[0])
-        out["erf"]["last_conv_trf"] = _finite(sel["trf"].iloc[0])
-    shifts = inv[(inv["layer"] == "output") & (inv["transform"] == "shift")]
-    mode = "zero" if (shifts["mode"] == "zero").any() else "circular"
-    for n in (1, 2, 4):
-        sel = shifts[(shifts["amount"] == n) & (shifts["mode"] == mode)]
-        if len(sel):
-            out["survival"][f"shift{n}"] = _finite(sel["survival"].mean())
-    clean = inv[inv["layer"] == "output"]["accuracy_clean"]
-    if len(clean):
-        out["survival"]["accuracy_clean"] = _finite(clean.iloc[0])
-    out = {k: {name: v for name, v in d.items() if v is not None} for k, d in out.items()}
+            d[f"erf_trf_ratio_{kind}"] = _finite(g["erf_trf_ratio"].iloc[0])
+            d[f"erf_side_{kind}"] = _finite(g["erf_side"].iloc[0])
+        d["trf"] = _finite(sel["trf"].iloc[0])
+        out["erf"][last] = {k: v for k, v in d.items() if v is not None}
     return {k: d for k, d in out.items() if d}
 
 

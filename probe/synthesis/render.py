@@ -17,26 +17,24 @@ import torch.nn as nn
 
 from probe.capture import Capture
 from probe.errors import NumericalError
+from probe.models.head import logits_model, softmax_head
 from probe.synthesis.objectives import LOGITS, Objective
 from probe.synthesis.param import ImageParam
 from probe.synthesis.transform import Transforms
+from probe.trace import trace_forward
 
 
 class _Enough(Exception):
     """Raised in a hook once every layer an objective needs is captured: the rest of the net is skipped."""
 
 
-def _softmax_head(model: nn.Module) -> nn.Module | None:
-    """The model's last module when it is a (Log)Softmax: class scores are then its input."""
-    leaves = [m for m in model.modules() if not list(m.children())]
-    return leaves[-1] if leaves and isinstance(leaves[-1], (nn.LogSoftmax, nn.Softmax)) else None
-
-
 def forward_capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Outputs of ``layers`` (and ``"logits"``: pre-softmax class scores) for input ``x``, with autograd.
+    """Outputs of ``layers`` for input ``x``, with autograd; ``"logits"`` (:data:`LOGITS`) is the model's output.
 
-    The forward pass stops as soon as every requested layer is captured, unless logits are needed.
-    Outputs are cloned inside the hook, before any in-place ReLU that follows can change them.
+    For class scores ``model`` must return them: :func:`scores_model` (what :func:`render` uses) turns a
+    model ending in a (log-)softmax into one that returns the logits before it. The forward pass
+    stops as soon as every requested layer is captured, unless logits are needed. Outputs are
+    cloned inside the hook, before any in-place ReLU that follows can change them.
     """
     acts: dict[str, torch.Tensor] = {}
     names = [n for n in dict.fromkeys(layers) if n != LOGITS]
@@ -50,13 +48,9 @@ def forward_capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) ->
     with contextlib.ExitStack() as stack:
         if names:
             stack.enter_context(Capture(model, names, fn=keep, detach=False))
-        head = _softmax_head(model) if need_logits else None
-        if head is not None:
-            h = head.register_forward_pre_hook(lambda _m, inp: acts.__setitem__(LOGITS, inp[0]))
-            stack.callback(h.remove)
         try:
             out = model(x)
-            if need_logits and head is None:
+            if need_logits:
                 acts[LOGITS] = out
         except _Enough:
             pass
@@ -64,6 +58,20 @@ def forward_capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) ->
     if missing:
         raise RuntimeError(f"layers {missing} produced no tensor output in the forward pass")
     return acts
+
+
+def scores_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model`` itself when it returns class scores, else :func:`probe.models.head.logits_model`'s copy
+    that returns the logits its final (log-)softmax takes (same module names, so hooks by name work).
+
+    Class-model images maximise the unnormalised class score (Simonyan et al. 2014, section 2); the
+    head is found from the forward pass (:func:`probe.models.head.softmax_head`), so a softmax that is a
+    module, a functional call or a method all count. ``example``: an input batch ``(N, C, H, W)``.
+    """
+    with torch.no_grad():
+        if softmax_head(trace_forward(model, example[:1])) is None:
+            return model
+    return logits_model(model, example[:1])
 
 
 class _RedirectedReLUFn(torch.autograd.Function):
@@ -151,7 +159,8 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
 
     ``labels[i]`` names image ``i`` in error messages ("layer conv1 channel 3"). A non-finite
     objective raises :class:`NumericalError` (``on_nan="error"``) or freezes that image at its last
-    finite parameters and records the step (``on_nan="skip"``).
+    finite parameters and records the step (``on_nan="skip"``). An objective on :data:`LOGITS` sees the
+    class scores before a final (log-)softmax (:func:`scores_model`); ``acts[LOGITS]`` holds them.
     """
     transforms = transforms or Transforms.off()
     norm = Normalize(mean, std)
@@ -161,7 +170,10 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
     failed_step = torch.full((n,), -1, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool, device=param.params.device)
     opt = torch.optim.Adam([param.params], lr=lr)
-    with frozen(model):
+    with frozen(model):  # eval mode before the head is traced: no batch-norm statistics change
+        if LOGITS in objective.layers:
+            with torch.no_grad():
+                model = scores_model(model, norm(param()))
         for step in range(steps):
             redirect = redirected_relus(model) if step < redirect_relu_steps else contextlib.nullcontext()
             with redirect:

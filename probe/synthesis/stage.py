@@ -2,7 +2,15 @@
 
 Outputs: ``images.npz`` (arrays ``channel``, ``class``, ``dream``, ``dream_source``, ``zoom``: pixels in
 [0, 1], ``(N, C, H, W)``; ``color_sqrt``), ``metrics.parquet`` (one row per image; ``kind`` + ``image``
-index into the array of that kind), ``metrics.json`` (DVC metrics) and PNG grids.
+index into the array of that kind; columns :data:`COLUMNS`, defined in :func:`metrics_table`),
+``metrics.json`` (DVC metrics, :func:`summary_metrics`) and PNG grids.
+
+A channel image is compared with the best dataset image twice: by the channel's spatial mean (what it
+was optimised for; the best image is the activations stage's rank-0 exemplar) and at the channel's peak
+(its maximum over positions, against the largest value the channel takes anywhere in the dataset), as
+margins (differences), and as ratios only where the dataset value is > 0. Class images maximise the
+logit before any softmax (Simonyan et al. 2014, section 2); the number reported is the probability
+the model assigns to the class.
 """
 
 from __future__ import annotations
@@ -27,10 +35,12 @@ from probe.synthesis.outputs import grid_png
 from probe.synthesis.param import ImageParam, color_sqrt_from_data
 from probe.synthesis.render import forward_capture, frozen, render
 from probe.synthesis.transform import Transforms
+from probe.uncertainty import paired_comparison, proportion_interval
 
 log = logging.getLogger(__name__)
 
 EXEMPLARS = Path("activations") / "exemplars.parquet"
+STATS = Path("activations") / "stats.parquet"
 MAX_DEFAULT_CONVS = 20  # models with more convs get DEFAULT_FEW evenly spaced ones by default
 DEFAULT_FEW = 3
 
@@ -61,26 +71,35 @@ def spatial_mean(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2).mean(2) if t.dim() > 2 else t
 
 
-def dataset_top1(model: nn.Module, loader: DataLoader, layers: list[str], device) -> dict[str, torch.Tensor]:
-    """Per layer, ``(C,)``: the largest channel spatial mean over every image of ``loader``."""
-    best: dict[str, torch.Tensor] = {}
+def spatial_max(t: torch.Tensor) -> torch.Tensor:
+    """``(N, C, ...)`` -> ``(N, C)``: each channel's maximum over its positions (its peak)."""
+    return t.flatten(2).amax(2) if t.dim() > 2 else t
+
+
+def dataset_best(model: nn.Module, loader: DataLoader, layers: list[str], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, ``(mean, peak)``, each ``(C,)``: over every image of ``loader``, the largest channel
+    spatial mean (the best image by mean) and the largest value at any position (the best image at its peak)."""
+    best: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad(), frozen(model):
         for x, _ in loader:
             acts = forward_capture(model, x.to(device), layers)
             for name, t in acts.items():
-                m = spatial_mean(t).amax(0).cpu()
-                best[name] = m if name not in best else torch.maximum(best[name], m)
+                m, p = spatial_mean(t).amax(0).cpu(), spatial_max(t).amax(0).cpu()
+                best[name] = (m, p) if name not in best else (torch.maximum(best[name][0], m), torch.maximum(best[name][1], p))
     return best
 
 
-def exemplar_top1(run_dir: Path) -> dict[tuple[str, int], float]:
-    """``(layer, channel) -> value`` of the rank-0 exemplar, from the activations stage when it ran."""
-    path = run_dir / EXEMPLARS
-    if not path.is_file():
+def activations_best(run_dir: Path) -> dict[tuple[str, int], tuple[float, float]]:
+    """``(layer, channel) -> (mean, peak)`` from the activations stage when it ran: the rank-0 exemplar's
+    spatial mean (exemplars are ranked by it) and the channel's maximum over every position of every image
+    (``stats.parquet``'s exact ``max``)."""
+    ex, st = run_dir / EXEMPLARS, run_dir / STATS
+    if not (ex.is_file() and st.is_file()):
         return {}
-    df = pd.read_parquet(path, columns=["layer", "channel", "rank", "value"])
-    top = df[df["rank"] == 0]
-    return {(str(r.layer), int(r.channel)): float(r.value) for r in top.itertuples()}
+    df = pd.read_parquet(ex, columns=["layer", "channel", "rank", "value"])
+    top = {(str(r.layer), int(r.channel)): float(r.value) for r in df[df["rank"] == 0].itertuples()}
+    peak = pd.read_parquet(st, columns=["layer", "channel", "max"])
+    return {k: (top[k], float(r.max)) for r in peak.itertuples() if (k := (str(r.layer), int(r.channel))) in top}
 
 
 def render_channels(ctx: Context, s: SynthesisConfig, layers: list[str], widths: dict[str, int], size: int,
@@ -103,10 +122,11 @@ def render_channels(ctx: Context, s: SynthesisConfig, layers: list[str], widths:
                          transforms=transforms, seed=stable_seed(seed, layer, "chunk", start),
                          redirect_relu_steps=s.redirect_relu_steps, on_nan=s.on_nan,
                          labels=[f"layer {layer} channel {c}" for c in chunk])
-            act = spatial_mean(res.acts[layer])
+            act, peak = spatial_mean(res.acts[layer]), spatial_max(res.acts[layer])
             for i, c in enumerate(chunk):
                 rows.append({"kind": "channel", "layer": layer, "channel": c, "image": count + i,
-                             "objective": float(res.objective[i]), "activation": float(act[i, c]),
+                             "objective_name": objective.name, "objective": float(res.objective[i]),
+                             "activation": float(act[i, c]), "activation_peak": float(peak[i, c]),
                              "failed_step": int(res.failed_step[i])})
             images.append(res.pixels.numpy())
             count += len(chunk)
@@ -114,7 +134,8 @@ def render_channels(ctx: Context, s: SynthesisConfig, layers: list[str], widths:
 
 
 def render_classes(ctx: Context, s: SynthesisConfig, size: int, color: torch.Tensor, seed: int) -> tuple[list[dict], np.ndarray]:
-    """One image per chosen class, maximising its logit (or log-probability), with the probability reached."""
+    """One image per chosen class, maximising its logit (Simonyan et al. 2014, section 2: the unnormalised class
+    score; or, with ``objective=log_prob``, its log-probability), with the probability the model assigns it."""
     c = s.class_images
     classes = select_indices("synthesis.class_images.classes", c.classes, ctx.data.num_classes)
     param = _param(s, len(classes), ctx.data.channels, size, color, [stable_seed(seed, "class", k) for k in classes], ctx.device)
@@ -126,9 +147,10 @@ def render_classes(ctx: Context, s: SynthesisConfig, size: int, color: torch.Ten
     res = render(ctx.run.model, objective, param, steps=c.steps, lr=c.lr, mean=ctx.data.mean, std=ctx.data.std,
                  transforms=_transforms(s, size), seed=stable_seed(seed, "class"), redirect_relu_steps=s.redirect_relu_steps,
                  on_nan=s.on_nan, labels=[f"class {k} ({ctx.data.classes[k]})" for k in classes])
-    logits = res.acts[O.LOGITS]
-    prob = torch.softmax(logits.double(), dim=1)  # lenet5 gives log-probs: softmax(log_softmax(z)) = softmax(z)
-    rows = [{"kind": "class", "layer": O.LOGITS, "class": k, "image": i, "objective": float(res.objective[i]),
+    logits = res.acts[O.LOGITS]  # the scores before a final (log-)softmax (render.scores_model)
+    prob = torch.softmax(logits.double(), dim=1)
+    rows = [{"kind": "class", "layer": O.LOGITS, "class": k, "image": i, "objective_name": objective.name,
+             "objective": float(res.objective[i]),
              "activation": float(logits[i, k]), "probability": float(prob[i, k]),
              "predicted": int(prob[i].argmax()), "failed_step": int(res.failed_step[i])} for i, k in enumerate(classes)]
     return rows, res.pixels.numpy()
@@ -179,63 +201,113 @@ def _transforms(s: SynthesisConfig, size: int) -> Transforms:
     return Transforms.from_fractions(size, t.pad, t.pad_mode, t.jitter, t.scale, t.rotate)
 
 
-def _attach_dataset_top1(ctx: Context, cfg: SynthesizeStage, rows: list[dict], layers: list[str]) -> None:
-    """Fill ``dataset_activation``, ``ratio`` and ``dataset_source`` of channel rows."""
+def _attach_dataset_best(ctx: Context, cfg: SynthesizeStage, rows: list[dict], layers: list[str]) -> None:
+    """Fill ``dataset_activation``, ``dataset_peak`` and ``dataset_source`` of channel rows: from the
+    activations stage when it covered the channel (source ``activations``), else computed on ``cfg.data.split``."""
     if not rows:
         return
-    known = exemplar_top1(ctx.run.path)
+    known = activations_best(ctx.run.path)
     missing = sorted({r["layer"] for r in rows if (r["layer"], r["channel"]) not in known}, key=layers.index)
     computed = {}
     if missing:
-        log.info("synthesis: no exemplars for %s; computing the top-1 dataset activation on the %s split",
+        log.info("synthesis: no activations stage outputs for %s; computing the best dataset activation on the %s split",
                  ", ".join(missing), cfg.data.split)
         loader = DataLoader(ctx.dataset, batch_size=cfg.data.batch_size, shuffle=False)
-        computed = dataset_top1(ctx.run.model, loader, missing, ctx.device)
+        computed = dataset_best(ctx.run.model, loader, missing, ctx.device)
     for r in rows:
         key = (r["layer"], r["channel"])
         if key in known:
-            r["dataset_activation"], r["dataset_source"] = known[key], str(EXEMPLARS)
+            (r["dataset_activation"], r["dataset_peak"]), r["dataset_source"] = known[key], "activations"
         else:
-            r["dataset_activation"], r["dataset_source"] = float(computed[r["layer"]][r["channel"]]), f"computed:{cfg.data.split}"
+            mean, peak = computed[r["layer"]]
+            r["dataset_activation"], r["dataset_peak"] = float(mean[r["channel"]]), float(peak[r["channel"]])
+            r["dataset_source"] = f"computed:{cfg.data.split}"
 
 
-COLUMNS = ["kind", "layer", "channel", "class", "image", "objective", "activation", "dataset_activation", "ratio",
-           "out_activates", "probability", "predicted", "dataset_source", "failed_step"]
+COLUMNS = ["kind", "layer", "channel", "class", "image", "objective_name", "objective", "activation", "dataset_activation",
+           "margin", "ratio", "out_activates", "activation_peak", "dataset_peak", "margin_peak", "ratio_peak",
+           "out_activates_peak", "probability", "predicted", "dataset_source", "failed_step"]
 
 
 def metrics_table(rows: list[dict]) -> pd.DataFrame:
+    """One row per image. Against the best dataset image: ``margin = activation - dataset_activation``
+    (spatial means), ``margin_peak = activation_peak - dataset_peak`` (maxima over positions),
+    ``out_activates(_peak)``: margin > 0. ``ratio(_peak)``: activation / dataset value only where that
+    value is > 0 (a ratio against a value <= 0 has no meaning: NaN there). A failed image (``failed_step``
+    >= 0) has NaN activations and margins and ``out_activates`` False: it found nothing."""
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
     for col in ("channel", "class", "predicted"):
         df[col] = df[col].astype("Int64")
-    for col in ("objective", "activation", "dataset_activation", "probability"):
+    for col in ("objective", "activation", "dataset_activation", "activation_peak", "dataset_peak", "probability"):
         df[col] = df[col].astype("float64")
-    df["dataset_source"] = df["dataset_source"].astype("string")
+    for col in ("dataset_source", "objective_name"):
+        df[col] = df[col].astype("string")
     failed = df["failed_step"] >= 0
-    df.loc[failed, ["objective", "activation"]] = np.nan
-    df["ratio"] = df["activation"] / df["dataset_activation"]
-    df["out_activates"] = (df["activation"] > df["dataset_activation"]).astype("boolean")
-    df.loc[df["dataset_activation"].isna() | failed, "out_activates"] = pd.NA
+    df.loc[failed, ["objective", "activation", "activation_peak"]] = np.nan
+    for suffix in ("", "_peak"):
+        act, ref = df["activation" + suffix], df["dataset_activation" if not suffix else "dataset_peak"]
+        df["margin" + suffix] = act - ref
+        df["ratio" + suffix] = (act / ref).where(ref > 0)
+        out = (df["margin" + suffix] > 0).astype("boolean")
+        out[ref.isna()] = pd.NA  # nothing to compare with (dream and class rows have no peak)
+        out[failed & ref.notna()] = False
+        df["out_activates" + suffix] = out
     return df
 
 
+def _median(s: pd.Series) -> float | None:
+    v = s.dropna()
+    return float(v.median()) if len(v) else None
+
+
+def compare_to_dataset(g: pd.DataFrame) -> dict:
+    """Channel images ``g`` (rows of :func:`metrics_table`) against the best dataset image, at the spatial
+    mean and at the peak: the share that out-activates it (Wilson interval, with ``k``; failed images count
+    as not out-activating), the median margin, the mean margin with its t interval and sign-flip p
+    (:func:`probe.uncertainty.paired_comparison`), and the median ratio over the channels where the best
+    dataset value is > 0 (``ratio_defined`` of them)."""
+    out: dict = {"channels": int(len(g))}
+    for tag, suffix, ref in (("mean", "", "dataset_activation"), ("peak", "_peak", "dataset_peak")):
+        known = g[g[ref].notna()]
+        if not len(known):
+            continue
+        k = int(known["out_activates" + suffix].fillna(False).sum())
+        out[f"out_activates_{tag}"] = {**proportion_interval(k, len(known)).to_dict(), "k": k}
+        ok = known[known["margin" + suffix].notna()]
+        out[f"median_margin_{tag}"] = _median(ok["margin" + suffix])
+        if len(ok):
+            out[f"margin_{tag}"] = paired_comparison(ok["activation" + suffix], ok[ref]).to_dict()
+        out[f"median_ratio_{tag}"] = _median(ok["ratio" + suffix])
+        out[f"ratio_defined_{tag}"] = int(ok["ratio" + suffix].notna().sum())
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def summary_metrics(df: pd.DataFrame) -> dict:
-    """Small, two-level dict of numbers for ``dvc metrics``."""
+    """Small dict for ``dvc metrics``: per channel layer (and ``all``) :func:`compare_to_dataset`; the class
+    images' probability (mean, min) and how many the model predicts as their class; Deep Dream's gain."""
     out: dict = {}
     ch = df[df["kind"] == "channel"]
     if len(ch):
-        frac = {layer: float(g["out_activates"].fillna(False).mean()) for layer, g in ch.groupby("layer", sort=False)}
-        frac["all"] = float(ch["out_activates"].fillna(False).mean())
-        out["channel_out_activates"] = frac
-        out["channel_median_ratio"] = {layer: float(g["ratio"].median()) for layer, g in ch.groupby("layer", sort=False)}
+        out["channel"] = {layer: compare_to_dataset(g) for layer, g in ch.groupby("layer", sort=False)}
+        out["channel"]["all"] = compare_to_dataset(ch)
     cl = df[df["kind"] == "class"]
     if len(cl):
-        out["class_probability"] = {"mean": float(cl["probability"].mean()), "min": float(cl["probability"].min()),
-                                    "frac_predicted": float((cl["predicted"] == cl["class"]).mean())}
+        ok = cl[cl["probability"].notna()]
+        hit = int((ok["predicted"] == ok["class"]).sum())
+        out["class_probability"] = {"classes": int(len(cl)), "mean": _finite_or_none(ok["probability"].mean()),
+                                    "min": _finite_or_none(ok["probability"].min()),
+                                    "predicted": {**proportion_interval(hit, len(cl)).to_dict(), "k": hit}}
+        out["class_probability"] = {k: v for k, v in out["class_probability"].items() if v is not None}
     dr = df[df["kind"] == "dream"]
     if len(dr):
         out["dream_gain"] = {"mean": float(dr["ratio"].mean()), "min": float(dr["ratio"].min())}
     out["failed_images"] = {"count": int((df["failed_step"] >= 0).sum())}
     return out
+
+
+def _finite_or_none(v) -> float | None:
+    v = float(v)
+    return v if np.isfinite(v) else None
 
 
 def run(cfg: SynthesizeStage) -> Path:
@@ -253,7 +325,7 @@ def run(cfg: SynthesizeStage) -> Path:
 
     rows, arrays = [], {"color_sqrt": color.numpy()}
     ch_rows, arrays["channel"] = render_channels(ctx, s, layers, widths, size, color, cfg.seed)
-    _attach_dataset_top1(ctx, cfg, ch_rows, layers)
+    _attach_dataset_best(ctx, cfg, ch_rows, layers)
     rows += ch_rows
     if s.class_images.enabled:
         cl_rows, arrays["class"] = render_classes(ctx, s, size, color, cfg.seed)
@@ -284,8 +356,11 @@ def run(cfg: SynthesizeStage) -> Path:
         if "dream" in arrays and len(arrays["dream"]):
             pairs = np.concatenate([arrays["dream_source"], arrays["dream"]])
             grid_png(tmp / "dream.png", pairs, cols=len(arrays["dream"]))
-    for k, v in metrics.items():
-        log.info("synthesis: %s %s", k, {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()})
+    for layer, m in metrics.get("channel", {}).items():
+        log.info("synthesis: %s: %s of %s channels out-activate the best dataset image at the mean, %s at the peak",
+                 layer, m.get("out_activates_mean", {}).get("k"), m["channels"], m.get("out_activates_peak", {}).get("k"))
+    if "class_probability" in metrics:
+        log.info("synthesis: class images %s", metrics["class_probability"])
     return ctx.run.path / "synthesis"
 
 
