@@ -14,16 +14,18 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import stats
 
 from probe.errors import ConfigError, NumericalError
 from probe.saliency import methods as sal_methods
 from probe.saliency.batching import map_batches
 from probe.saliency.config import SaliencyConfig
 from probe.saliency.faithfulness import (attribution_order, auc, deletion_insertion_auc, perturbation_curves,
-                                         random_order)
+                                         random_order, random_order_aucs, random_orders)
 from probe.saliency.methods import MethodSettings, attribute, occlusion_geometry, reduce_channels
-from probe.saliency.prepare import attribution_copy, gradcam_layer
-from probe.saliency.randomisation import average_ranks, cascade_order, cascading_randomisations, spearman
+from probe.saliency.prepare import attribution_copy, default_gradcam_layer, gradcam_layer
+from probe.saliency.randomisation import (average_ranks, cascade_order, cascading_randomisations, compare_maps,
+                                          spearman, spearman_informative)
 from probe.saliency.ssim import gaussian_window, minmax, ssim
 
 
@@ -93,7 +95,7 @@ def target_grad(model, x, target):
 
 
 def run_method(method, model, x, target, **kw):
-    return attribute(method, attribution_copy(model), x, target, MethodSettings(**kw))
+    return attribute(method, attribution_copy(model, x), x, target, MethodSettings(**kw))
 
 
 # ---------------------------------------------------------------- methods vs independent computations
@@ -197,10 +199,89 @@ def test_default_gradcam_layer_skips_1x1_outputs():
     from probe.models import build
 
     lenet = build("lenet5")
-    assert gradcam_layer(lenet, torch.zeros(1, 1, 32, 32), None) == "conv2"  # conv3 outputs 1x1
-    assert gradcam_layer(tiny_cnn(), torch.zeros(1, 1, 16, 16), None) == "conv2"
+    assert gradcam_layer(lenet, torch.zeros(1, 1, 32, 32), None) == "relu2"  # conv3 outputs 1x1
+    assert gradcam_layer(tiny_cnn(), torch.zeros(1, 1, 16, 16), None) == "relu2"
     with pytest.raises(ConfigError, match="saliency.gradcam_layer.*conv2"):
         gradcam_layer(lenet, torch.zeros(1, 1, 32, 32), "conv22")
+
+
+class ResNetShaped(nn.Module):
+    """A stem, an identity block and a downsampling block whose 1x1 projection shortcut is the LAST conv executed."""
+
+    class Block(nn.Module):
+        def __init__(self, c_in, c_out, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1)
+            self.relu1 = nn.ReLU()
+            self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+            self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride), nn.BatchNorm2d(c_out))
+                             if stride != 1 or c_in != c_out else nn.Identity())
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            y = self.conv2(self.relu1(self.conv1(x)))
+            return self.relu(y + self.shortcut(x))
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.block1 = self.Block(4, 4, 1)
+        self.block2 = self.Block(4, 8, 2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(self.stem(x))))
+
+
+def outputs_by_name(model, x):
+    """Every module's output (clones), and the conv names in execution order, from forward hooks."""
+    outs, convs = {}, []
+
+    def hook(name):
+        def fn(mod, _i, o):
+            outs[name] = o.detach().clone()
+            if isinstance(mod, nn.Conv2d):
+                convs.append(name)
+        return fn
+
+    hs = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    return outs, convs
+
+
+def test_default_gradcam_layer_is_the_block_output_of_a_resnet_shaped_net():
+    torch.manual_seed(0)
+    model = randomise_bn(ResNetShaped())
+    x = torch.randn(2, 1, 12, 12)
+    layer, rule = default_gradcam_layer(model, x)
+    outs, convs = outputs_by_name(model, x[:1])
+    assert convs[-1] == "block2.shortcut.0"  # the old rule ("last executed Conv2d") would take the shortcut
+    assert rule == "last rectifier" and layer == "block2.relu"
+    assert torch.equal(outs[layer], outs["block2"]) and (outs[layer] >= 0).all()  # the rectified block output
+    # Grad-CAM there equals the hand computation on the block's output
+    t = torch.tensor([0, 2])
+    got = run_method("grad_cam", model, x, t, gradcam_layer=layer)
+    assert torch.allclose(got, hand_gradcam(model, "block2", x, t), atol=1e-6)
+
+
+def test_default_gradcam_layer_of_probe_and_torchvision_models():
+    import torchvision
+
+    from probe.models import build
+
+    assert default_gradcam_layer(build("resnet_small"), torch.zeros(1, 1, 32, 32))[0] == "layer3.0.relu2"
+    vgg = build("vgg_small")
+    last_relu = [n for n, m in vgg.named_modules() if n.startswith("features.") and isinstance(m, nn.ReLU)][-1]
+    assert default_gradcam_layer(vgg, torch.zeros(1, 1, 32, 32))[0] == last_relu
+    # torchvision ResNet-18 reuses (in place) one relu module per block: the block itself is the layer
+    r18 = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert default_gradcam_layer(r18, x)[0] == "layer4.1"
+    outs, _ = outputs_by_name(r18, x)
+    assert (outs["layer4.1"] >= 0).all() and outs["layer4.1"].shape[-2:] == (2, 2)
 
 
 @pytest.mark.parametrize("window, stride", [(2, 2), (3, 1)])
@@ -283,6 +364,95 @@ def test_reduce_channels_per_method():
     assert reduce_channels(a, "input_x_gradient").item() == -2.0
 
 
+# ---------------------------------------------------------------- what is attributed: the logit
+
+def lenet_logits(m, x):
+    """LeNet-5's forward written out by hand, without its LogSoftmax: the logits."""
+    x = m.pool1(m.relu1(m.conv1(x)))
+    x = m.pool2(m.relu2(m.conv2(x)))
+    x = torch.flatten(m.relu3(m.conv3(x)), 1)
+    return m.fc2(m.relu4(m.fc1(x)))
+
+
+class LeNetLogits(nn.Module):
+    def __init__(self, lenet):
+        super().__init__()
+        self.m = lenet
+
+    def forward(self, x):
+        return lenet_logits(self.m, x)
+
+
+def confident_lenet(seed=0):
+    """Random LeNet-5 whose last layer is scaled so that p(target) rounds to 1 in float32."""
+    from probe.models import build
+
+    torch.manual_seed(seed)
+    lenet = build("lenet5").eval()
+    with torch.no_grad():
+        lenet.fc2.weight.mul_(2000.0)
+        lenet.fc2.bias.mul_(2000.0)
+    return lenet
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_lenet5_gradient_is_of_the_logit_float64_reference():
+    lenet = confident_lenet()
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        logp = lenet(x)
+    t = logp.argmax(1)
+    assert (logp.gather(1, t.view(-1, 1)) == 0).all()  # log p == 0: p rounds to 1 in float32
+    # float64 reference: autograd of the hand-written logit of a float64 copy
+    m64 = copy.deepcopy(lenet).double()
+    x64 = x.double().requires_grad_(True)
+    ref = torch.autograd.grad(lenet_logits(m64, x64).gather(1, t.view(-1, 1)).sum(), x64)[0].abs()
+    new = run_method("saliency", lenet, x, t)
+    old = target_grad(lenet, x, t).abs()  # the log-softmax gradient in float32, as before
+    assert rel_err(new, ref) < 1e-4
+    assert rel_err(old, ref) > 0.5  # the check can fail: the old target is off by a lot here
+
+
+def test_lenet5_grad_cam_is_of_the_logit_float64_reference():
+    lenet = confident_lenet(1)
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        t = lenet(x).argmax(1)
+    layer = default_gradcam_layer(lenet, x)[0]
+    assert layer == "relu2"
+    got = run_method("grad_cam", lenet, x, t, gradcam_layer=layer)
+    want = hand_gradcam(LeNetLogits(copy.deepcopy(lenet).double()), "m.relu2", x.double(), t)
+    old = hand_gradcam(copy.deepcopy(lenet), "relu2", x, t)  # Grad-CAM of the float32 log-probability
+    assert want.abs().max() > 0
+    assert rel_err(got, want) < 1e-4
+    assert rel_err(old, want) > 0.5
+
+
+def test_attribution_copy_returns_logits_and_leaves_the_model_alone():
+    import torchvision
+
+    base = tiny_cnn()
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        z = base(x)
+        for head in (nn.Softmax(1), nn.LogSoftmax(1)):
+            model = nn.Sequential(base, head).eval()
+            a = attribution_copy(model, x)
+            assert torch.allclose(a(x), z, atol=1e-6)  # the head is bypassed
+            assert not any(p.requires_grad for p in a.parameters())
+            assert torch.allclose(model(x), head(z))  # the model still ends in its head
+            assert torch.allclose(copy.deepcopy(a)(x), z, atol=1e-6)  # survives deepcopy (the cascade copies it)
+        r18 = randomise_bn(torchvision.models.resnet18(num_classes=5))
+        xr = torch.randn(2, 3, 32, 32)
+        a = attribution_copy(r18, xr)
+        assert torch.equal(a(xr), r18(xr))  # already logits: unchanged
+        assert all(m.inplace for m in r18.modules() if isinstance(m, nn.ReLU))
+        assert not any(m.inplace for m in a.modules() if isinstance(m, nn.ReLU))
+
+
 # ---------------------------------------------------------------- deletion / insertion
 
 class Linear2x2(nn.Module):
@@ -348,6 +518,117 @@ def test_random_order_is_a_seeded_permutation():
     assert torch.equal(o, random_order(4, 10, seed=3)) and not torch.equal(o, random_order(4, 10, seed=4))
 
 
+def test_auc_is_the_rise_convention():
+    g = torch.Generator().manual_seed(0)
+    for steps in (1, 4, 16, 100):
+        curve = torch.rand(3, steps + 1, generator=g, dtype=torch.float64)
+        xs = np.linspace(0.0, 1.0, steps + 1)
+        want = [np.trapezoid(c, xs) for c in curve.numpy()]
+        # RISE's reference implementation (eclique/RISE, evaluation.py): (sum - first/2 - last/2) / (len - 1)
+        rise = [(c.sum() - c[0] / 2 - c[-1] / 2) / (len(c) - 1) for c in curve.numpy()]
+        assert auc(curve).numpy() == pytest.approx(want, rel=1e-12)
+        assert auc(curve).numpy() == pytest.approx(rise, rel=1e-12)
+    # a straight line from 1 to 0 has area 1/2 at any number of steps
+    for steps in (2, 7, 64):
+        assert auc(torch.linspace(1, 0, steps + 1).view(1, -1)).item() == pytest.approx(0.5)
+
+
+def test_random_order_aucs_equal_one_order_at_a_time(monkeypatch):
+    import probe.saliency.faithfulness as faith
+
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 3, 1])
+    sub = torch.zeros_like(x)
+    d, i = random_order_aucs(model, x, t, sub, 4, 5, seed=7, batch_size=13)
+    orders = random_orders(3, 256, 5, seed=7)
+    assert orders.shape == (5, 3, 256)
+    assert all(torch.equal(o.sort(1).values, torch.arange(256).expand(3, 256)) for o in orders)
+    assert len({tuple(o[0].tolist()) for o in orders}) == 5  # five different orders
+    for r in range(5):  # brute force: the hand-checked single-order AUC, one order at a time
+        dr, ir = deletion_insertion_auc(model, x, t, orders[r], sub, 4)
+        assert torch.allclose(d[r], dr, atol=1e-6) and torch.allclose(i[r], ir, atol=1e-6)
+    monkeypatch.setattr(faith, "ORDER_CHUNK_ELEMENTS", 256 * 3 * 2)  # chunks of two orders: same numbers
+    d2, i2 = random_order_aucs(model, x, t, sub, 4, 5, seed=7, batch_size=13)
+    assert torch.allclose(d, d2, atol=1e-6) and torch.allclose(i, i2, atol=1e-6)
+    # the first orders do not depend on how many are drawn
+    d3, _ = random_order_aucs(model, x, t, sub, 4, 2, seed=7)
+    assert torch.allclose(d3, d[:2], atol=1e-6)
+
+
+class LinearEvidence(nn.Module):
+    """Two classes: logits (w . x, 0). The exact evidence of each pixel for class 0 is w * x."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, x):
+        s = (x.flatten(1) * self.w).sum(1)
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def comparison_summary(model, x, t, maps, seed, orders=32, steps=8):
+    """The stage's own path: faithfulness_table then summary (Holm over the methods x {deletion, insertion})."""
+    from probe.saliency.stage import Items, faithfulness_table, summary
+
+    n = len(x)
+    items = Items(x, t, ["true"] * n, torch.arange(n), t.clone(), t.clone())
+    sc = SaliencyConfig(auc_steps=steps, random_orders=orders)
+    table = faithfulness_table(model, items, maps, torch.zeros_like(x), sc, seed)
+    return table, summary(table, None)
+
+
+def evidence_case(seed, n=12, side=8):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(side * side, generator=g, dtype=torch.float64) / 4
+    x = torch.rand(n, 1, side, side, generator=g, dtype=torch.float64)
+    model = LinearEvidence(w)
+    with torch.no_grad():
+        t = model(x).argmax(1)
+    sign = torch.where(t == 0, 1.0, -1.0).double().view(-1, 1, 1)
+    evidence = sign * (w.view(side, side) * x[:, 0])  # each pixel's contribution to the target's logit margin
+    return model, x, t, evidence, g
+
+
+def test_random_attributions_are_not_distinguishable_from_random():
+    not_distinguishable = 0
+    for seed in range(10):
+        model, x, t, _, g = evidence_case(seed)
+        maps = {"random_maps": torch.rand(x.shape[0], 8, 8, generator=g, dtype=torch.float64)}
+        _, out = comparison_summary(model, x, t, maps, seed=100 + seed)
+        m = out["random_maps"]
+        flags = [m["deletion_vs_random"]["distinguishable"], m["insertion_vs_random"]["distinguishable"]]
+        verdicts = {m["deletion_verdict"], m["insertion_verdict"]}
+        not_distinguishable += not any(flags)
+        if not any(flags):
+            assert verdicts == {"not distinguishable from random"}
+    assert not_distinguishable >= 8
+
+
+def test_exact_evidence_beats_random_with_p_below_001():
+    model, x, t, evidence, g = evidence_case(0)
+    table, out = comparison_summary(model, x, t, {"evidence": evidence,
+                                                  "random_maps": torch.rand(12, 8, 8, generator=g, dtype=torch.float64)},
+                                    seed=3)
+    e = out["evidence"]
+    for k, sign in (("deletion", -1), ("insertion", 1)):
+        c = e[f"{k}_vs_random"]
+        assert c["p_adjusted"] < 0.01 and c["distinguishable"] and sign * c["effect"] > 0
+        assert e[f"{k}_verdict"] == "better than random"
+        # the effect is the mean over images of (method AUC - the image's mean over the random orders)
+        rows = table[table.method == "evidence"]
+        assert c["effect"] == pytest.approx(float((rows[f"{k}_auc"] - rows[f"{k}_auc_random"]).mean()), rel=1e-12)
+        assert c["low"] < c["effect"] < c["high"] and c["n"] == 12
+        # Holm over a family of 4 (2 methods x 2 metrics): the adjusted p is at least the raw one, at most 4x
+        assert c["p"] <= c["p_adjusted"] <= min(1.0, 4 * c["p"]) + 1e-15
+    # the random-order columns: mean and std over the orders, by brute force
+    d, _ = random_order_aucs(model, x, t, torch.zeros_like(x), 8, 32, seed=3)
+    rows = table[table.method == "evidence"]
+    assert rows.deletion_auc_random.to_numpy() == pytest.approx(d.double().mean(0).numpy(), rel=1e-9)
+    assert rows.deletion_auc_random_std.to_numpy() == pytest.approx(d.double().numpy().std(0, ddof=1), rel=1e-6)
+
+
 # ---------------------------------------------------------------- similarity and randomisation
 
 def test_ssim_closed_forms():
@@ -397,6 +678,36 @@ def test_spearman_matches_scipy_with_ties():
         assert got[n].item() == pytest.approx(spearmanr(a[n].numpy(), b[n].numpy()).statistic, rel=1e-12)
         assert average_ranks(a)[n].numpy() == pytest.approx(rankdata(a[n].numpy()))
     assert math.isnan(spearman(torch.ones(1, 5), torch.arange(5.0).view(1, 5)).item())
+
+
+def test_spearman_on_informative_pixels_hand_made():
+    from scipy.stats import spearmanr
+
+    # 100 pixels: 70 zero in both maps, 20 non-zero in both with reversed ranks, 5 non-zero in one map only each
+    a = torch.zeros(100, dtype=torch.float64)
+    b = torch.zeros(100, dtype=torch.float64)
+    a[:20] = torch.arange(1, 21)
+    b[:20] = torch.arange(20, 0, -1)
+    a[20:25] = torch.tensor([3.5, 7.5, 11.5, 15.5, 19.5])  # b is 0 there
+    b[25:30] = torch.tensor([2.5, 6.5, 10.5, 14.5, 18.5])  # a is 0 there
+    a2, b2 = a.view(1, 10, 10), b.view(1, 10, 10)
+    rho_i, count = spearman_informative(a2, b2)
+    keep = np.arange(30)  # the informative pixels: non-zero in a or in b
+    assert count.item() == 30
+    assert rho_i.item() == pytest.approx(spearmanr(a[keep].numpy(), b[keep].numpy()).statistic, rel=1e-12)
+    assert spearman(a2, b2).item() == pytest.approx(spearmanr(a.numpy(), b.numpy()).statistic, rel=1e-12)
+    assert spearman(a2, b2).item() > 0.3 > rho_i.item()  # the shared zeros inflate the all-pixel correlation
+    # only the 20 shared non-zero pixels, reversed: exactly -1 there
+    a3, b3 = a2.clone(), b2.clone()
+    a3.view(-1)[20:30] = 0
+    b3.view(-1)[20:30] = 0
+    assert spearman_informative(a3, b3)[0].item() == pytest.approx(-1.0)
+    sim = compare_maps(-a3, b3)  # |maps|: the sign does not matter
+    assert sim["spearman_informative"].item() == pytest.approx(-1.0) and sim["informative_pixels"].item() == 20
+    # fewer than two informative pixels: undefined
+    one = torch.zeros(1, 3, 3)
+    one[0, 1, 1] = 1.0
+    assert math.isnan(spearman_informative(one, one)[0].item())
 
 
 def test_cascading_randomisation_order_and_copies():
@@ -514,8 +825,41 @@ def test_cli_end_to_end_writes_every_file(tiny_run):
     import json
 
     summary = json.loads((out / "metrics.json").read_text())
-    assert set(summary) == set(METHODS)
-    assert summary["saliency"]["spearman_randomised"] is not None
+    assert set(summary) == set(METHODS) | {"target", "head_bypassed", "gradcam_layer", "random_orders", "auc_steps"}
+    assert summary["target"] == "logit" and summary["head_bypassed"] is None  # tiny_cnn ends in logits
+    assert summary["gradcam_layer"] == "relu2" and summary["random_orders"] == 32 == df.random_orders.iloc[0]
+    assert maps["target_output"].tolist() == ["logit"]
+    true = df[df.target_kind == "true"]
+    pvalues = []
+    for m in METHODS:
+        s = summary[m]
+        g = true[true.method == m]
+        for k in ("deletion", "insertion"):
+            c = s[f"{k}_vs_random"]
+            # independent recomputation from the per-row table: mean difference and its t interval
+            d = (g[f"{k}_auc"] - g[f"{k}_auc_random"]).to_numpy()
+            half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+            assert c["effect"] == pytest.approx(d.mean(), abs=1e-12) and c["n"] == len(d) == 10
+            assert c["low"] == pytest.approx(d.mean() - half, abs=1e-12)
+            assert s[f"{k}_auc"] - s[f"{k}_auc_random"] == pytest.approx(c["effect"], abs=1e-12)
+            assert s[f"{k}_verdict"] in ("better than random", "worse than random", "not distinguishable from random")
+            pvalues.append((c["p"], c["p_adjusted"]))
+        assert (g.deletion_auc_random_std > 0).all()
+        randomised = m in set(r.method)
+        assert (s["spearman_randomised"] is not None) == randomised
+        assert (s["spearman_randomised_informative"] is not None) == randomised
+    # Holm over the family of 2 x 7 tests, by hand
+    raw = sorted(p for p, _ in pvalues)
+    want, running = {}, 0.0
+    for rank, p in enumerate(raw):
+        running = max(running, min(1.0, (len(raw) - rank) * p))
+        want.setdefault(p, running)
+    assert all(q == pytest.approx(want[p]) for p, q in pvalues)
+    last = r[(r.step == r.step.max()) & (r.target_kind == "true") & (r.method == "integrated_gradients")]
+    ig = summary["integrated_gradients"]
+    assert ig["spearman_randomised"]["value"] == pytest.approx(last.spearman.mean())
+    assert ig["spearman_randomised_informative"]["value"] == pytest.approx(last.spearman_informative.dropna().mean())
+    assert (last.informative_pixels <= 256).all() and (r.informative_pixels > 0).all()
 
 
 def test_bad_method_exits_2(tiny_run, capsys):
