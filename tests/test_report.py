@@ -349,3 +349,18 @@ def test_synthesis_reads_out_activation_at_mean_and_peak_with_wilson_intervals(t
     assert row["margin at the peak [95% CI], p"].endswith("p = 0.20, n = 10")
     assert {c["subject"] for c in s["claims"]} >= {"conv1: fraction of channels whose image out-activates the best "
                                                    "dataset image at the peak"}
+
+
+def test_shift_survival_is_read_per_shift_with_its_counts_and_compared_with_the_untrained_run(tmp_path):
+    est = lambda k, n: {**proportion_interval(k, n).to_dict(), "k": k}
+    geo = lambda k: {"survival": {"shift1_x_zero": est(k, 50), "accuracy_clean": est(47, 50)}}
+    t = _run_dir(tmp_path, "lenet5", stage_metrics={"geometry": geo(45)})
+    u = _run_dir(tmp_path, "lenet5_random", epochs=0, stage_metrics={"geometry": geo(50)})
+    runs = load_runs([t, u])
+    assert list(sections.survival_estimates(runs[0])) == ["1 px along x, zero fill"]  # clean accuracy is no shift
+    s = sections.baseline(runs)
+    (c,) = [c for c in s["claims"] if "surviving" in c["subject"]]
+    assert c["stat"]["effect"] == pytest.approx(45 / 50 - 1)
+    assert c["stat"]["p"] == pytest.approx(stats.fisher_exact([[45, 5], [50, 0]]).pvalue)
+    g = sections.geometry(runs, {})
+    assert "45 of 50" in json.dumps(g["blocks"]) and len(g["claims"]) == 2

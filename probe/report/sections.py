@@ -5,6 +5,7 @@ template lays out; a section whose artefacts are missing for some runs says whic
 from __future__ import annotations
 
 import math
+import re
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -640,6 +641,17 @@ def synthesis(runs: list[RunData]) -> dict:
     return s
 
 
+def survival_estimates(r: RunData) -> dict[str, dict]:
+    """geometry/metrics.json's shift survival Estimates, keyed by a readable shift ("1 px along x, zero fill")."""
+    out = {}
+    surv = r.metrics.get("geometry", {}).get("survival", {})
+    for key, e in surv.items() if isinstance(surv, dict) else []:
+        m = re.fullmatch(r"shift(-?\d+)_([a-z]+)_([a-z]+)", key)
+        if m and is_estimate(e):
+            out[f"{m[1]} px along {m[2]}, " + {"zero": "zero fill", "circular": "circular wrap"}.get(m[3], m[3])] = e
+    return out
+
+
 # 8. geometry ---------------------------------------------------------------------------------------
 
 def geometry(runs: list[RunData], colours: dict) -> dict:
@@ -650,6 +662,8 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         return s
     eq = _depth_frame(have, "geometry", "equivariance")
     if not eq.empty:
+        if "measurable" in eq.columns:  # a map too small for the shift has no error: never drawn
+            eq = eq[eq["measurable"].astype(bool)]
         d = eq[(eq["mode"] == "circular") & (eq["shift"] == eq["shift"].min())]
         d = d.groupby(["run", "depth", "layer"], sort=False)["error_interior"].mean().reset_index()
         fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -671,9 +685,8 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         s["blocks"].append(_figure("Shift robustness of predictions", fig))
     rows = []
     for r in have:
-        found = [(p, e) for p, e in estimates(r.metrics["geometry"]) if any("surviv" in x for x in p)]
-        for path, e in found:
-            what = " ".join(x for x in path if x != "survival") or "survival"
+        found = survival_estimates(r)
+        for what, e in found.items():
             kn = counts(e)
             rows.append({"run": r.label, "shift": what, "predictions unchanged": f"{kn[0]} of {kn[1]}" if kn else "",
                          "fraction surviving [95% CI]": fmt_estimate(e)})
@@ -795,8 +808,7 @@ def baseline(runs: list[RunData]) -> dict | None:
                 if ct and cu:
                     tests.append((f"{layer}: channels out-activating the best image ({where})",
                                   f"{ct[0]} of {ct[1]} vs {cu[0]} of {cu[1]}", proportions_comparison(*ct, *cu)))
-        gt = dict((" ".join(p), e) for p, e in estimates(t.metrics.get("geometry", {})) if any("surviv" in x for x in p))
-        gu = dict((" ".join(p), e) for p, e in estimates(u.metrics.get("geometry", {})) if any("surviv" in x for x in p))
+        gt, gu = survival_estimates(t), survival_estimates(u)
         for key in [k for k in gt if k in gu]:
             ct, cu = counts(gt[key]), counts(gu[key])
             if ct and cu:
