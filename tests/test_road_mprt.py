@@ -314,3 +314,62 @@ def test_summary_ignores_predicted_rows(lerf_morf_frame):
     s = road_summary(lerf_morf_frame)["a"]
     assert s["road_morf_auc"] == pytest.approx(0.15) and s["road_lerf_vs_morf"]["effect"] == pytest.approx(0.4)
     assert s["road_lerf_vs_morf"]["n"] == 2
+
+
+# ---------------------------------------------------------------- the saliency stage writes both
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from probe.cli import main
+
+    d = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={d}",
+                 "progress=false", f"hydra.run.dir={d}/logs"]) == 0
+    return d
+
+
+def run_stage(src, dst, **kw):
+    import shutil
+
+    from probe.saliency.config import SaliencyStage
+    from probe.saliency.stage import run
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("saliency", "logs"))
+    cfg = SaliencyConfig(methods=["saliency", "grad_cam"], ig_steps=4, smoothgrad_samples=2, auc_steps=4,
+                         random_orders=2, randomisation=False, overlays=False, road_fractions=[0.2, 0.5, 0.8], **kw)
+    return run(SaliencyStage(run=str(dst), device="cpu", saliency=cfg))
+
+
+@pytest.mark.slow
+def test_stage_writes_road_and_emprt_with_their_statistics(tiny_run, tmp_path):
+    import json
+
+    from scipy import stats
+
+    out = run_stage(tiny_run, tmp_path / "a")
+    road, emprt = pd.read_parquet(out / "road.parquet"), pd.read_parquet(out / "mprt.parquet")
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(road.method) == set(emprt.method) == {"saliency", "grad_cam"}
+    merged = metrics.merge(road, on=["method", "item"], suffixes=("", "_road"))
+    np.testing.assert_array_equal(merged.road_morf_auc, merged.road_morf_auc_road)  # one number, two tables
+    for m in ("saliency", "grad_cam"):
+        s = summary[m]
+        g = road[(road.method == m) & (road.target_kind == "true")]
+        d = (g.road_lerf_auc - g.road_morf_auc).to_numpy()  # recomputed from the per-row table with scipy's t
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+        c = s["road_lerf_vs_morf"]
+        assert c["effect"] == pytest.approx(d.mean(), abs=1e-12) and c["low"] == pytest.approx(d.mean() - half, abs=1e-12)
+        assert s["road_morf_auc"] == pytest.approx(g.road_morf_auc.mean()) and c["n"] == len(g) == 10
+        e = emprt[(emprt.method == m) & (emprt.target_kind == "true")]
+        diff = (e.complexity_randomised - e.complexity_original).to_numpy()
+        assert s["emprt_complexity_rise"]["effect"] == pytest.approx(diff.mean(), abs=1e-12)
+        assert s["emprt_complexity_rise"]["p_adjusted"] >= s["emprt_complexity_rise"]["p"]
+        assert set(s) >= {"deletion_auc", "road_morf_auc", "road_lerf_auc", "road_lerf_vs_morf", "emprt_complexity_rise"}
+    # same seed, same bytes; switched off, neither file nor key
+    again = run_stage(tiny_run, tmp_path / "b")
+    for f in ("road.parquet", "mprt.parquet", "metrics.json"):
+        assert (out / f).read_bytes() == (again / f).read_bytes(), f
+    off = run_stage(tiny_run, tmp_path / "c", road=False, mprt_variant=False)
+    assert not (off / "road.parquet").exists() and not (off / "mprt.parquet").exists()
+    assert "road_morf_auc" not in json.loads((off / "metrics.json").read_text())["saliency"]

@@ -222,9 +222,10 @@ def road_curves(model: nn.Module, x: torch.Tensor, target: torch.Tensor, maps: t
     rng = np.random.default_rng(seed)
     idx = removal_order(maps, order, seed)
     x64 = x.detach().cpu().double().numpy()
-    perturbed = [noisy_linear_imputation(x64, removal_masks(idx, removed_count(fr, h * w), h, w), noise_std, rng)
-                 for fr in f]
-    xs = torch.from_numpy(np.concatenate(perturbed)).to(dtype=x.dtype, device=x.device)  # (F * N, C, H, W)
+    # every fraction's copies of the images in one block-diagonal system: (F * N, C, H, W), fraction-major
+    masks = np.concatenate([removal_masks(idx, removed_count(fr, h * w), h, w) for fr in f])
+    perturbed = noisy_linear_imputation(np.tile(x64, (len(f), 1, 1, 1)), masks, noise_std, rng)
+    xs = torch.from_numpy(perturbed).to(dtype=x.dtype, device=x.device)
     scores = _scores(model, xs, target.repeat(len(f)), score, batch_size)
     return scores.view(len(f), n).T.contiguous()
 
