@@ -565,6 +565,8 @@ def test_rectified_response_of_torchvision_resnet18():
     names = ["conv1", "bn1", "relu", "maxpool", "layer1.0.conv1", "layer1.0.conv2", "layer1.0.bn2", "layer1.0",
              "layer2.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2", "layer4.1.relu", "avgpool", "fc"]
     r = _rect(m, names, torch.randn(1, 3, 64, 64))
+    assert r["conv1"].sites == r["bn1"].sites == r["relu"].sites and len(r["conv1"].sites) == 1  # the same units
+    assert len(r["layer4.1.relu"].sites) == 2 and r["layer4.1.conv1"].sites[0] in r["layer4.1.relu"].sites
     got = {n: (v.kind, v.via) if v else None for n, v in r.items()}
     assert got == {"conv1": ("bn+relu", "bn1"), "bn1": ("relu", None), "relu": ("self", None), "maxpool": None,
                    "layer1.0.conv1": ("bn+relu", "layer1.0.bn1"), "layer1.0.conv2": None, "layer1.0.bn2": None,
@@ -591,13 +593,15 @@ def test_metrics_cover_only_layers_with_a_rectified_response(setup):
     m = metrics(stats, LAYERS)
     rectified = model.brute_rectified(acts)
     layers = [n for n in LAYERS if rectified[n] is not None]
-    assert m["dead_fraction_layers"] == layers == ["conv1", "conv2", "bn"]
+    assert layers == ["conv1", "conv2", "bn"]
     dead = {n: int((~(rectified[n] > 0).any((0, 2, 3))).sum()) for n in layers}
     units = {n: rectified[n].shape[1] for n in layers}
     assert m["dead_units"] == {n: {"dead": dead[n], "units": units[n]} for n in layers}
     assert m["dead_fraction"] == {n: dead[n] / units[n] for n in layers}
     assert dead["conv2"] == dead["bn"] == 1  # the BN's beta = -100 channel, seen from the conv and from the BN
-    k, n = sum(dead.values()), sum(units.values())
+    # conv2 -> bn -> relu and bn -> relu are the same units: the pooled figures count them once
+    assert m["dead_fraction_layers"] == ["conv1", "conv2"]
+    k, n = dead["conv1"] + dead["conv2"], units["conv1"] + units["conv2"]
     assert m["dead_fraction_mean"] == k / n
     assert m["dead_fraction_interval"] == proportion_interval(k, n).to_dict()
     assert m["dead_fraction_interval"]["low"] <= k / n <= m["dead_fraction_interval"]["high"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Iterable
 
 import torch
@@ -14,6 +15,8 @@ from probe.activations.rectified import Rectified, rectified_responses
 from probe.activations.stats import LayerStats, PopulationStats, as_maps
 from probe.capture import Capture
 from probe.runtime import autocast, fast_model, to_device_batch
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -45,7 +48,12 @@ def collect(model: nn.Module, batches: Iterable, layers: list[str], device: torc
     if first is None:
         return stats, tops
     if rectified is None:
-        rectified = rectified_responses(model, to_device_batch(first[0][:1], device), layers)
+        try:
+            rectified = rectified_responses(model, to_device_batch(first[0][:1], device), layers)
+        except Exception as e:  # a model the trace cannot follow: statistics still, dead / selectivity undefined
+            log.warning("activations: could not trace the model to find its rectifiers (%s: %s); dead units and "
+                        "class selectivity are left undefined", type(e).__name__, e)
+            rectified = {}
     for n in layers:
         stats[n].rectified = rectified.get(n)
     with Capture(model, layers, fn=record), autocast(device, amp):

@@ -27,7 +27,7 @@ times has a rectified response only if every call has the same one. Not recognis
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ class Rectified:
     """A layer's rectified response ``clamp(scale * (x - center) + offset, 0, cap)`` per channel.
 
     ``scale``/``center``/``offset`` are ``(C,)`` float64 for ``"bn+relu*"`` (the BN's gamma / sqrt(var + eps),
-    running mean and beta; ``via``: its name), ``None`` (1, 0 and 0) otherwise; ``cap`` is ``inf`` except for ReLU6."""
+    running mean and beta; ``via``: its name), ``None`` (1, 0 and 0) otherwise; ``cap`` is ``inf`` except for ReLU6.
+    ``sites``: the positions in the traced pass of the rectifier calls whose units these are (a conv, its BN and
+    their ReLU name the same units: pooled counts take each site once)."""
 
     kind: str
     scale: np.ndarray | None = None
@@ -53,6 +55,7 @@ class Rectified:
     offset: np.ndarray | None = None
     cap: float = math.inf
     via: str | None = None
+    sites: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -67,6 +70,7 @@ class Rectified:
         return self.scale, self.center, self.offset
 
     def same(self, other: "Rectified | None") -> bool:
+        """The same response (kind, cap, BN and its affine map; ``sites`` aside)."""
         if other is None or (self.kind, self.cap, self.via) != (other.kind, other.cap, other.via):
             return False
         if self.scale is None or other.scale is None:
@@ -92,7 +96,8 @@ class Rectified:
         return ((x.double() - m) * a + b).clamp(0, self.cap)
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {"kind": np.array(self.kind), "cap": np.array(self.cap, dtype=np.float64), "via": np.array(self.via or "")}
+        out = {"kind": np.array(self.kind), "cap": np.array(self.cap, dtype=np.float64), "via": np.array(self.via or ""),
+               "sites": np.array(self.sites, dtype=np.int64)}
         if self.scale is not None:
             out.update({f: np.asarray(getattr(self, f), np.float64) for f in ("scale", "center", "offset")})
         return out
@@ -100,7 +105,8 @@ class Rectified:
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> "Rectified":
         return cls(str(state["kind"]), state.get("scale"), state.get("center"), state.get("offset"),
-                   float(state["cap"]), str(state["via"]) or None)
+                   float(state["cap"]), str(state["via"]) or None,
+                   tuple(int(i) for i in state["sites"]) if "sites" in state else ())
 
 
 def _rectifier_of(call: Call, modules: dict[str, nn.Module]) -> str | None:
@@ -128,21 +134,28 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[np.ndarray, np.ndar
     return (gamma / torch.sqrt(var + bn.eps)).numpy(), mean.numpy(), beta.numpy()
 
 
+def _site(tr: ForwardTrace, k) -> int:
+    """The rectifier call that produced the value ``k``: the first call whose output it is (the function
+    call inside an ``nn.ReLU`` returns before the module does)."""
+    return next(i for i, c in enumerate(tr.calls) if c.output == k)
+
+
 def _of_value(tr: ForwardTrace, k, modules: dict[str, nn.Module]) -> Rectified | None:
     """The rectified response of the tensor value ``k``."""
     if any(c.kind == "rectifier" and c.output == k for c in tr.calls) or any(
             _rectifier_of(c, modules) and c.output == k for c in tr.module_calls()):
-        return Rectified("self")
+        return Rectified("self", sites=(_site(tr, k),))
     found: list[Rectified] = []
     for c in tr.consumers(k):
         r = _rectifier_of(c, modules)
         if r is not None and c.inputs[:1] == [k]:
-            found.append(Rectified(r, cap=_CAPS[r]))
+            found.append(Rectified(r, cap=_CAPS[r], sites=(_site(tr, c.output),)))
         elif c.kind == "module" and c.inputs[:1] == [k] and _eval_batchnorm(modules.get(c.name)) and c.output is not None:
             for d in tr.consumers(c.output):
                 r = _rectifier_of(d, modules)
                 if r is not None and d.inputs[:1] == [c.output]:
-                    found.append(Rectified(f"bn+{r}", *_bn_affine(modules[c.name]), cap=_CAPS[r], via=c.name))
+                    found.append(Rectified(f"bn+{r}", *_bn_affine(modules[c.name]), cap=_CAPS[r], via=c.name,
+                                           sites=(_site(tr, d.output),)))
     # a direct rectifier first; several different ones (relu and relu6, two BNs): undefined
     direct = [f for f in found if f.scale is None]
     pick = direct if direct else found
@@ -158,7 +171,8 @@ def rectified_of_trace(tr: ForwardTrace, model: nn.Module, layers: list[str]) ->
     for name in layers:
         calls = [c for c in tr.module_calls() if c.name == name and c.output is not None]
         found = [_of_value(tr, c.output, modules) for c in calls]
-        out[name] = found[0] if found and found[0] is not None and all(found[0].same(f) for f in found[1:]) else None
+        ok = found and found[0] is not None and all(found[0].same(f) for f in found[1:])
+        out[name] = replace(found[0], sites=tuple(sorted({i for f in found for i in f.sites}))) if ok else None
     return out
 
 

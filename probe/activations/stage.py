@@ -188,10 +188,13 @@ def metrics(stats: PopulationStats, layers: list[str]) -> dict:
     """``activations/metrics.json`` (DVC metrics: numbers, small dicts, one list of names).
 
     Dead units and selectivity only for layers with a rectified response (``rectified`` not null in
-    stats.parquet; :mod:`probe.activations.rectified`), named in ``dead_fraction_layers``:
+    stats.parquet; :mod:`probe.activations.rectified`):
 
     - ``dead_fraction`` {layer: dead / units}, ``dead_units`` {layer: {"dead": k, "units": n}}: units whose
       rectified response is never > 0 over the split.
+    - ``dead_fraction_layers``: the layers the pooled figures cover: those with a rectified response, each
+      rectifier once (a conv, its BN and their ReLU, when all are analysed, name the same units: the first
+      in layer order counts; with the default layers, conv / linear / pooling, that never happens).
     - ``dead_fraction_mean``: the pooled fraction sum k / sum n over ``dead_fraction_layers`` (each unit counts
       once; null when no layer has a rectified response), ``dead_fraction_interval``: its 95% Wilson interval
       (:func:`probe.uncertainty.proportion_interval`; it treats units as independent draws).
@@ -215,9 +218,15 @@ def metrics(stats: PopulationStats, layers: list[str]) -> dict:
         si = selectivity(s.class_means(rectified=True))
         if np.isfinite(si).any():
             sel[n] = float(np.nanmedian(si))
-    k = sum(v["dead"] for v in dead_units.values())
-    units = sum(v["units"] for v in dead_units.values())
-    return {"dead_fraction": dead, "dead_units": dead_units, "dead_fraction_layers": list(dead),
+    pooled, seen = [], set()
+    for n in dead_units:
+        sites = set(stats[n].rectified.sites)
+        if not sites & seen:
+            pooled.append(n)
+        seen |= sites
+    k = sum(dead_units[n]["dead"] for n in pooled)
+    units = sum(dead_units[n]["units"] for n in pooled)
+    return {"dead_fraction": dead, "dead_units": dead_units, "dead_fraction_layers": pooled,
             "dead_fraction_mean": k / units if units else None,
             "dead_fraction_interval": proportion_interval(k, units).to_dict() if units else None,
             "selectivity_median": sel, "sparsity": sparsity, "sparsity_rectified": sparsity_rect,
