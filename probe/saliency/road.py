@@ -73,7 +73,7 @@ def removed_count(fraction: float, pixels: int) -> int:
     return int(math.floor(fraction * pixels + 1e-9))
 
 
-def removal_order(maps: torch.Tensor | np.ndarray, order: str, seed: int) -> np.ndarray:
+def removal_order(maps: torch.Tensor | np.ndarray, order: str, seed: int | np.random.SeedSequence) -> np.ndarray:
     """Pixel indices (N, H*W), the first removed first: ``morf`` highest attribution first, ``lerf``
     lowest first; ties in random order (seeded). ``maps`` (N, H, W)."""
     if order not in ORDERS:
@@ -163,8 +163,10 @@ def _solve_spd(i: np.ndarray, j: np.ndarray, off: np.ndarray, diag: np.ndarray, 
                width: int) -> np.ndarray:
     """Solve L v = rhs for L = diag(diag) + off-diagonal entries (i, j, off), symmetric positive definite.
 
-    Unknowns are numbered in raster order, so an entry links unknowns at most ``width + 1`` apart: a banded Cholesky (LAPACK pbsv) costs U * bandwidth^2, against SuperLU's fill-reducing
-    factorisation, which wins on wide images."""
+    Unknowns are numbered in raster order, so an entry links unknowns at most ``width + 1`` apart: a
+    banded Cholesky (LAPACK pbsv) costs U * bandwidth^2; SuperLU's fill-reducing factorisation wins on
+    wide images. L is positive definite: symmetric, weakly diagonally dominant, and strictly so in at
+    least one row of every connected group of removed pixels (as long as one pixel is kept)."""
     u = len(diag)
     band = int((j - i).max()) if len(i) else 0
     if width <= BANDED_MAX_WIDTH:
@@ -219,8 +221,9 @@ def road_curves(model: nn.Module, x: torch.Tensor, target: torch.Tensor, maps: t
         raise ValueError(f"maps: expected shape {(n, h, w)} (one map per image), got {tuple(maps.shape)}")
     if tuple(target.shape) != (n,):
         raise ValueError(f"target: expected shape {(n,)}, got {tuple(target.shape)}")
-    rng = np.random.default_rng(seed)
-    idx = removal_order(maps, order, seed)
+    tie_seed, noise_seed = np.random.SeedSequence(seed).spawn(2)  # independent streams for ties and noise
+    idx = removal_order(maps, order, tie_seed)
+    rng = np.random.default_rng(noise_seed)
     x64 = x.detach().cpu().double().numpy()
     # every fraction's copies of the images in one block-diagonal system: (F * N, C, H, W), fraction-major
     masks = np.concatenate([removal_masks(idx, removed_count(fr, h * w), h, w) for fr in f])
