@@ -239,18 +239,20 @@ def _saliency_run(root, name, true_del, true_ins, target="logit"):
 def test_saliency_table_is_metrics_json_of_the_true_class_rows_with_its_comparisons(tmp_path):
     d, df = _saliency_run(tmp_path, "trained", 0.3, 0.7)
     html, numbers = _report(tmp_path, f"runs=[{d}]")
-    table = numbers["tables"]["saliency"][0]
-    rows = {r[1]: dict(zip(table["columns"], r)) for r in table["rows"]}
+    deletion, insertion = numbers["tables"]["saliency"][:2]
+    assert deletion["caption"].startswith("Deletion AUC") and insertion["caption"].startswith("Insertion AUC")
+    rows = {r[1]: dict(zip(deletion["columns"], r)) for r in deletion["rows"]}
+    ins = {r[1]: dict(zip(insertion["columns"], r)) for r in insertion["rows"]}
     true = df[df.target_kind == "true"].groupby("method")["deletion_auc"].mean()  # the definition, recomputed here
     every = df.groupby("method")["deletion_auc"].mean()  # the old, wrong average over all rows
     for method in ("saliency", "occlusion"):
         shown = float(rows[method]["deletion AUC"])
         assert shown == pytest.approx(true[method], abs=1e-3) and abs(shown - every[method]) > 0.05
-    assert rows["saliency"]["deletion"] == "beats random"
-    assert rows["saliency"]["insertion"] == "not distinguishable from random"
-    assert rows["occlusion"]["insertion"] == "worse than random"
-    assert rows["saliency"]["deletion − random [95% CI], p"] == "\u22120.20 [\u22120.30, \u22120.10], p = 0.008 (Holm), n = 10"
-    assert "True" not in json.dumps(table["rows"]) and "False" not in json.dumps(table["rows"])
+    assert rows["saliency"]["verdict"] == "beats random"
+    assert ins["saliency"]["verdict"] == "not distinguishable from random"
+    assert ins["occlusion"]["verdict"] == "worse than random"
+    assert rows["saliency"]["method − random [95% CI], p"] == "\u22120.20 [\u22120.30, \u22120.10], p = 0.008 (Holm), n = 10"
+    assert "True" not in json.dumps(deletion["rows"]) and "False" not in json.dumps(insertion["rows"])
     assert "the logit (pre-softmax score) of the true class" in html and "Grad-CAM on relu1" in html
     stated = {(c["subject"], c["statement"]): c for c in numbers["claims"] if c["section"] == "saliency"}
     c = stated[("saliency insertion AUC against random pixel orders", "not distinguishable from random")]
@@ -345,8 +347,10 @@ def test_synthesis_reads_out_activation_at_mean_and_peak_with_wilson_intervals(t
     # Wilson for 2 of 6 (closed form, computed here)
     z = stats.norm.ppf(0.975)
     centre, half = (2 / 6 + z * z / 12) / (1 + z * z / 6), z * math.sqrt(2 / 6 * 4 / 6 / 6 + z * z / 144) / (1 + z * z / 6)
-    assert row["out-activate best image, at the peak [95% CI]"] == f"0.33 [{centre - half:.2f}, {centre + half:.2f}], n = 6"
-    assert row["margin at the peak [95% CI], p"].endswith("p = 0.20, n = 10")
+    assert row["out-activates (peak) [95% CI]"] == f"0.33 [{centre - half:.2f}, {centre + half:.2f}], n = 6"
+    margins = dict(zip(s["blocks"][1]["columns"], s["blocks"][1]["rows"][0]))
+    assert margins["mean margin (peak) [95% CI], p"].endswith("p = 0.20, n = 10")
+    assert margins["verdict (peak)"] == "not distinguishable"
     assert {c["subject"] for c in s["claims"]} >= {"conv1: fraction of channels whose image out-activates the best "
                                                    "dataset image at the peak"}
 

@@ -14,7 +14,8 @@ import seaborn as sns
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
 from probe.report import ranking
-from probe.report.claims import claim, counts, estimates, fmt_comparison, fmt_estimate, is_estimate, num, verdict
+from probe.report.claims import (MINUS, claim, counts, estimates, fmt_comparison, fmt_estimate, is_comparison,
+                                 is_estimate, num, verdict)
 from probe.report.collect import RUNTIME_KEYS, SEED_KEYS, STAGE_COMMANDS, RunData, differing_keys, seed_groups
 from probe.report.collect import headline as collect_headline
 from probe.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
@@ -25,16 +26,25 @@ def _section(sid: str, title: str, intro: str = "") -> dict:
     return {"id": sid, "title": title, "intro": intro, "blocks": [], "missing": [], "claims": []}
 
 
-def _table(caption: str, df: pd.DataFrame, digits: int = 4) -> dict:
+def _table(caption: str, df: pd.DataFrame, digits: int = 4, wrap: tuple[str, ...] = ()) -> dict:
+    """A table block; a Comparison or Estimate cell is written by the one formatter of claims.py, and cells do
+    not wrap except in the columns named in ``wrap`` (long sentences)."""
     def fmt(v):
+        if is_comparison(v):
+            return fmt_comparison(v)
+        if is_estimate(v):
+            return fmt_estimate(v)
         if isinstance(v, (float, np.floating)):
-            return "" if math.isnan(v) else f"{v:,.{digits}g}" if abs(v) < 1e4 else f"{v:,.0f}"
+            return "" if math.isnan(v) else num(v, None) if abs(v) < 1e-3 and v != 0 else \
+                f"{v:,.{digits}g}".replace("-", MINUS) if abs(v) < 1e4 else f"{v:,.0f}".replace("-", MINUS)
         if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
             return f"{v:,}"
         return "" if v is None else str(v)
 
-    return {"kind": "table", "caption": caption, "columns": [str(c) for c in df.columns],
-            "rows": [[fmt(v) for v in row] for row in df.itertuples(index=False)]}
+    columns = [str(c) for c in df.columns]
+    return {"kind": "table", "caption": caption, "columns": columns,
+            "rows": [[fmt(v) for v in row] for row in df.itertuples(index=False)],
+            "wrap": [i for i, c in enumerate(columns) if c in wrap]}
 
 
 def _figure(caption: str, fig) -> dict:
@@ -175,6 +185,9 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
     stats = _depth_frame(have, "activations", "stats")
     if stats.empty:
         return s
+    for col in ("dead", "selectivity", "frac_active"):  # nullable columns (NA where undefined) as float with NaN
+        if col in stats.columns:
+            stats[col] = stats[col].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
     depth = {r.label: r.layer_order() for r in have}
     stats["depth"] = [depth[run].get(layer, -1) for run, layer in zip(stats["run"], stats["layer"])]
     covered = {r.label: _covered(r) for r in have}
@@ -213,11 +226,14 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
     sel, outside = defined_selectivity(stats)
     if not sel.empty:
         sel = sel.assign(**{"layer index": sel.groupby("run")["depth"].rank(method="dense").astype(int) - 1})
+        names = {run: tuple(g.sort_values("depth")["layer"].unique()) for run, g in sel.groupby("run")}
+        same = len(set(names.values())) == 1
         fig, ax = plt.subplots(figsize=(11, 3.6))
-        sns.boxplot(sel, x="layer index", y="selectivity", hue="run", palette=colours, ax=ax, fliersize=1)
+        sns.boxplot(sel, x="layer" if same else "layer index", y="selectivity", hue="run", palette=colours, ax=ax,
+                    fliersize=1, order=list(next(iter(names.values()))) if same else None)
         ax.set_ylim(0, 1)
         ax.set_title("Class selectivity index of units, by depth")
-        ax.set_xlabel("layer with a defined index (0 = first)")
+        ax.set_xlabel("layer" if same else "layer with a defined index (0 = first)")
         s["blocks"].append(_figure(
             "Class selectivity (Morcos et al. 2018) of rectified units: (max − mean of the other classes) / (max + mean "
             "of the other classes) of the class-mean activations; 0 = responds equally to every class, 1 = to one class "
@@ -400,22 +416,22 @@ def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
     if items:
         s["blocks"].append(_gallery("Maps (columns: the image, then each method)", items))
 
-    rows, road, rnd_rows = [], [], []
+    rows: dict[str, list] = {}
+    road, rnd_rows = [], []
     for r in have:
         m = r.metrics["saliency"]
         for method in saliency_methods(m):
             v = m[method]
-            row = {"run": r.label, "method": method}
             for kind, sign, better in (("deletion", -1, "lower"), ("insertion", 1, "higher")):
                 c = v.get(f"{kind}_vs_random")
                 words = verdict(c, "beats random", "worse than random", "not distinguishable from random", sign)
-                row[f"{kind} AUC"] = v.get(f"{kind}_auc")
-                row[f"{kind} AUC, random orders"] = v.get(f"{kind}_auc_random")
-                row[f"{kind} − random [95% CI], p"] = fmt_comparison(c) if c else "no test (rerun probe saliency)"
-                row[f"{kind}"] = words
+                rows.setdefault(kind, []).append({
+                    "run": r.label, "method": method, f"{kind} AUC": v.get(f"{kind}_auc"),
+                    "random orders": v.get(f"{kind}_auc_random"),
+                    "method − random [95% CI], p": fmt_comparison(c) if c else "no test (rerun probe saliency)",
+                    "verdict": words})
                 s["claims"].append(claim("saliency", r.label, f"{method} {kind} AUC against random pixel orders",
                                          words, c, better=f"{better} than random"))
-            rows.append(row)
             if "road_lerf_vs_morf" in v or "road_morf_auc" in v:
                 c = v.get("road_lerf_vs_morf")
                 words = verdict(c, "most-relevant-first removal hurts more", "least-relevant-first removal hurts more",
@@ -427,18 +443,20 @@ def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
             e = v.get("emprt_complexity_rise")
             sp = {k: v.get(k) for k in ("spearman_randomised", "spearman_randomised_informative", "ssim_randomised")}
             if e is not None or any(x is not None for x in sp.values()):
-                words = verdict(e, "map changes with the weights (complexity rises)", "complexity falls",
-                                "not distinguishable from the trained map's complexity") if e is not None else "not run"
-                rnd_rows.append({"run": r.label, "method": method, "Spearman after randomisation": sp["spearman_randomised"],
+                words = verdict(e, "complexity rises", "complexity falls",
+                                "not distinguishable") if e is not None else "not run"
+                rnd_rows.append({"run": r.label, "method": method, "Spearman": sp["spearman_randomised"],
                                  "Spearman, informative pixels": sp["spearman_randomised_informative"],
-                                 "SSIM after randomisation": sp["ssim_randomised"],
+                                 "SSIM": sp["ssim_randomised"],
                                  "eMPRT complexity rise [95% CI], p": fmt_comparison(e) if e is not None else "not run",
                                  "eMPRT": words})
                 if e is not None:
                     s["claims"].append(claim("saliency", r.label, f"{method} eMPRT complexity rise", words, e))
-    if rows:
-        s["blocks"].append(_table("Deletion and insertion AUC (means over the probe images of the true class, as in "
-                                  "saliency/metrics.json) against random pixel orders", pd.DataFrame(rows)))
+    for kind, better in (("deletion", "lower"), ("insertion", "higher")):
+        if rows.get(kind):
+            s["blocks"].append(_table(f"{kind.capitalize()} AUC (mean over the probe images of the true class, as in "
+                                      f"saliency/metrics.json) against the mean over random pixel orders; {better} "
+                                      "than random is better", pd.DataFrame(rows[kind])))
     if road:
         s["blocks"].append(_table("ROAD (Rong et al. 2022): accuracy-curve AUC removing the most (MoRF) and least (LeRF) "
                                   "relevant pixels first with noisy linear imputation; a faithful map has LeRF > MoRF",
@@ -447,7 +465,8 @@ def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
         s["blocks"].append(_table("Parameter randomisation: rank correlation and SSIM of each map with the map after "
                                   "randomising every layer (Adebayo et al. 2018; 'informative pixels' leaves out pixels "
                                   "that are zero in every map), and eMPRT (Hedström et al. 2023): the rise in the map's "
-                                  "complexity when the weights are randomised", pd.DataFrame(rnd_rows)))
+                                  "complexity (histogram entropy) when the weights are randomised: a map that depends on the "
+                                  "model rises", pd.DataFrame(rnd_rows)))
     for r in have:
         s["blocks"].extend(_ranking_blocks(s, r))
 
@@ -517,7 +536,7 @@ def _ranking_blocks(s: dict, r: RunData) -> list[dict]:
                                  tests={k: c.to_dict() for k, c in p.tests.items()}))
     blocks.append(_table(f"{r.label}: pairwise differences of the methods (paired over the probe images, Holm over the "
                          "pairs within each metric); an order is stated only where every metric agrees",
-                         pd.DataFrame(rows)) | {"collapsed": True})
+                         pd.DataFrame(rows), wrap=("verdict",)) | {"collapsed": True})
     return blocks
 
 
@@ -571,7 +590,7 @@ def synthesis(runs: list[RunData]) -> dict:
     have = _need(s, runs, "synthesis")
     if not have:
         return s
-    rows, items, classes = [], [], []
+    rows, items, classes, margin_rows = [], [], [], []
     for r in have:
         df = r.table("synthesis", "metrics")
         ch = df[df["kind"] == "channel"] if df is not None else pd.DataFrame()
@@ -579,33 +598,38 @@ def synthesis(runs: list[RunData]) -> dict:
             layer = row["layer"]
             g = ch[ch["layer"] == layer] if len(ch) else ch
             out = {"run": r.label, "layer": layer}
+            margins = {"run": r.label, "layer": layer}
             for where, what in (("mean", "at the spatial mean"), ("peak", "at the peak")):
                 e = row.get(where)
-                out[f"out-activate best image, {what} [95% CI]"] = fmt_estimate(e) if e else "not measured"
+                out[f"out-activates ({where}) [95% CI]"] = fmt_estimate(e) if e else "not measured"
                 if e:
                     s["claims"].append(claim("synthesis", r.label, f"{layer}: fraction of channels whose image "
                                              f"out-activates the best dataset image {what}", "fraction", e))
             for where in ("mean", "peak"):
-                if f"margin_{where}" in row:
-                    c = row[f"margin_{where}"]
-                    out[f"margin at the {where} [95% CI], p"] = fmt_comparison(c)
-                    s["claims"].append(claim("synthesis", r.label, f"{layer}: mean margin over the best dataset image "
-                                             f"at the {where}", verdict(c, "images out-activate", "dataset images win",
-                                                                        "not distinguishable"), c))
                 if f"median_margin_{where}" in row:
                     out[f"median margin ({where})"] = row[f"median_margin_{where}"]
-                elif f"margin_{where if where == 'peak' else ''}".rstrip("_") in g.columns:
+                else:
                     col = "margin_peak" if where == "peak" else "margin"
-                    if g[col].notna().any():
+                    if col in g.columns and g[col].notna().any():
                         out[f"median margin ({where})"] = float(g[col].median())
+                if f"margin_{where}" in row:
+                    c = row[f"margin_{where}"]
+                    words = verdict(c, "images out-activate", "dataset images out-activate", "not distinguishable")
+                    margins[f"mean margin ({where}) [95% CI], p"] = fmt_comparison(c)
+                    margins[f"verdict ({where})"] = words
+                    s["claims"].append(claim("synthesis", r.label, f"{layer}: mean margin over the best dataset image "
+                                             f"at the {where}", words, c))
             rows.append(out)
+            if len(margins) > 2:
+                margin_rows.append(margins)
         cls = df[df["kind"] == "class"] if df is not None else pd.DataFrame()
         predicted = r.metrics["synthesis"].get("class_probability", {}).get("predicted")
         if len(cls) and "probability" in cls and is_estimate(predicted):
             objective = ", ".join(sorted(set(cls["objective_name"].dropna().astype(str)))) if "objective_name" in cls else ""
+            target = ("the class log-probability" if "class_log_prob" in objective else
+                      "the class logit (before any softmax)" if "class_logit" in objective else "not recorded")
             classes.append({"run": r.label, "class images": len(cls),
-                            "optimised for": {"class_logit": "the class logit (before any softmax)",
-                                              "class_log_prob": "the class log-probability"}.get(objective, objective or "not recorded"),
+                            "optimised for": target + (f" (objective {objective})" if objective else ""),
                             "mean probability": float(cls["probability"].mean()),
                             "min probability": float(cls["probability"].min()),
                             "predicted as their class [95% CI]": fmt_estimate(predicted)})
@@ -633,6 +657,9 @@ def synthesis(runs: list[RunData]) -> dict:
     if rows:
         s["blocks"].append(_table("Per layer: fraction of channels whose image out-activates the best dataset image",
                                   pd.DataFrame(rows)))
+    if margin_rows:
+        s["blocks"].append(_table("Per layer: mean margin (image activation minus the best dataset image's) over the "
+                                  "channels, paired, with its 95% t interval and sign-flip p", pd.DataFrame(margin_rows)))
     if classes:
         s["blocks"].append(_table("Class images: softmax probability of the class each image was optimised for",
                                   pd.DataFrame(classes)))
