@@ -367,4 +367,4 @@ def test_shift_survival_is_read_per_shift_with_its_counts_and_compared_with_the_
     assert c["stat"]["effect"] == pytest.approx(45 / 50 - 1)
     assert c["stat"]["p"] == pytest.approx(stats.fisher_exact([[45, 5], [50, 0]]).pvalue)
     g = sections.geometry(runs, {})
-    assert "45 of 50" in json.dumps(g["blocks"]) and len(g["claims"]) == 2
+    assert "45 of 50: 0.90" in json.dumps(g["blocks"]) and len(g["claims"]) == 2

@@ -668,15 +668,24 @@ def synthesis(runs: list[RunData]) -> dict:
     return s
 
 
-def survival_estimates(r: RunData) -> dict[str, dict]:
-    """geometry/metrics.json's shift survival Estimates, keyed by a readable shift ("1 px along x, zero fill")."""
-    out = {}
+def survival_parts(r: RunData) -> list[tuple[int, str, str, dict]]:
+    """geometry/metrics.json's shift survival Estimates as (pixels, axis, mode, Estimate), from the keys
+    ``survival.shift{n}_{axis}_{mode}`` (the clean accuracy beside them is no shift and is left out)."""
+    out = []
     surv = r.metrics.get("geometry", {}).get("survival", {})
     for key, e in surv.items() if isinstance(surv, dict) else []:
         m = re.fullmatch(r"shift(-?\d+)_([a-z]+)_([a-z]+)", key)
         if m and is_estimate(e):
-            out[f"{m[1]} px along {m[2]}, " + {"zero": "zero fill", "circular": "circular wrap"}.get(m[3], m[3])] = e
+            out.append((int(m[1]), m[2], m[3], e))
     return out
+
+
+MODES = {"zero": "zero fill", "circular": "circular wrap"}
+
+
+def survival_estimates(r: RunData) -> dict[str, dict]:
+    """The same, keyed by a readable shift ("1 px along x, zero fill")."""
+    return {f"{n} px along {axis}, {MODES.get(mode, mode)}": e for n, axis, mode, e in survival_parts(r)}
 
 
 # 8. geometry ---------------------------------------------------------------------------------------
@@ -712,20 +721,25 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         s["blocks"].append(_figure("Shift robustness of predictions", fig))
     rows = []
     for r in have:
-        found = survival_estimates(r)
-        for what, e in found.items():
+        parts = survival_parts(r)
+        by_shift: dict[int, dict] = {}
+        for n, axis, mode, e in parts:
             kn = counts(e)
-            rows.append({"run": r.label, "shift": what, "predictions unchanged": f"{kn[0]} of {kn[1]}" if kn else "",
-                         "fraction surviving [95% CI]": fmt_estimate(e)})
-            s["claims"].append(claim("geometry", r.label, f"predictions that survive {what}", "fraction", e))
-        if not found:
+            row = by_shift.setdefault(n, {"run": r.label, "shift (px)": n})
+            row[f"along {axis}, {MODES.get(mode, mode)}"] = (f"{kn[0]} of {kn[1]}: " if kn else "") + fmt_estimate(e)
+            s["claims"].append(claim("geometry", r.label, f"predictions that survive a shift of {n} px along {axis}, "
+                                     f"{MODES.get(mode, mode)}", "fraction", e))
+        rows += [by_shift[n] for n in sorted(by_shift)]
+        if not parts:
             plain = {k: v for k, v in r.metrics["geometry"].get("survival", {}).items() if k.startswith("shift")}
             for k, v in plain.items():
-                rows.append({"run": r.label, "shift": k, "predictions unchanged": "",
-                             "fraction surviving [95% CI]": f"{num(v)} (no interval: rerun probe geometry)"})
+                if isinstance(v, (int, float)):
+                    rows.append({"run": r.label, "shift (px)": k,
+                                 "fraction surviving": f"{num(v)} (no interval: rerun probe geometry)"})
     if rows:
-        s["blocks"].append(_table("Predictions unchanged by a shift of the input (Wilson 95% interval over the probe "
-                                  "images)", pd.DataFrame(rows)))
+        s["blocks"].append(_table("Predictions unchanged by a shift of the input: k of n probe images, with Wilson's 95% "
+                                  "interval (the axes and modes use the same images: they are not independent)",
+                                  pd.DataFrame(rows)))
     erf = _depth_frame(have, "geometry", "erf")
     if not erf.empty:
         d = erf[erf["input"] == erf["input"].iloc[0]]
@@ -797,12 +811,13 @@ def baseline(runs: list[RunData]) -> dict | None:
                  "units of the rectified layers, Newcombe's interval and Fisher's exact test), sparsity (paired over "
                  "layers), each saliency method's advantage over random pixel orders (paired over the same probe "
                  "images), the fraction of channels whose synthetic image out-activates the best dataset image and the "
-                 "fraction of predictions surviving a shift (proportions). Holm-adjusted over each pair's family.")
+                 "fraction of predictions surviving a shift (proportions). p is Holm-adjusted within each stage's family "
+                 "of tests of the pair.")
     for t, u in pairs:
-        tests: list[tuple[str, str, object]] = []  # (measure, detail, Comparison)
+        tests: list[tuple[str, str, str, object]] = []  # (family, measure, detail, Comparison)
         dt, du = _dead_counts(t), _dead_counts(u)
         if dt and du:
-            tests.append(("dead units", f"{dt[0]} of {dt[1]} vs {du[0]} of {du[1]} units in {', '.join(dt[2])}",
+            tests.append(("activations", "dead units", f"{dt[0]} of {dt[1]} vs {du[0]} of {du[1]} units in {', '.join(dt[2])}",
                           proportions_comparison(dt[0], dt[1], du[0], du[1])))
         key = "sparsity_rectified" if t.metrics.get("activations", {}).get("sparsity_rectified") else "sparsity"
         st, su = t.metrics.get("activations", {}).get(key), u.metrics.get("activations", {}).get(key)
@@ -810,7 +825,7 @@ def baseline(runs: list[RunData]) -> dict | None:
             common = [k for k in st if k in su and st[k] is not None and su[k] is not None]
             if len(common) >= 2:
                 what = "of the rectified response" if key == "sparsity_rectified" else "of the layer outputs"
-                tests.append((f"sparsity {what}", f"paired over {len(common)} layers ({', '.join(common)})",
+                tests.append(("activations", f"sparsity {what}", f"paired over {len(common)} layers ({', '.join(common)})",
                               paired_comparison([st[k] for k in common], [su[k] for k in common])))
         mt, mu = t.table("saliency", "metrics"), u.table("saliency", "metrics")
         if mt is not None and mu is not None:
@@ -825,7 +840,7 @@ def baseline(runs: list[RunData]) -> dict | None:
                     y = b[b["method"] == method].set_index("image")["e"]
                     common = x.index.intersection(y.index)
                     if len(common) >= 2:
-                        tests.append((f"{method}: {kind} AUC − random orders", f"paired over {len(common)} probe images",
+                        tests.append(("saliency", f"{method}: {kind} AUC − random orders", f"paired over {len(common)} probe images",
                                       paired_comparison(x.loc[common].to_numpy(), y.loc[common].to_numpy())))
         ot = {row["layer"]: row for row in out_activation(t)} if t.has("synthesis") else {}
         ou = {row["layer"]: row for row in out_activation(u)} if u.has("synthesis") else {}
@@ -833,28 +848,32 @@ def baseline(runs: list[RunData]) -> dict | None:
             for where in ("mean", "peak"):
                 ct, cu = counts(ot[layer].get(where) or {}), counts(ou[layer].get(where) or {})
                 if ct and cu:
-                    tests.append((f"{layer}: channels out-activating the best image ({where})",
+                    tests.append(("synthesis", f"{layer}: channels out-activating the best image ({where})",
                                   f"{ct[0]} of {ct[1]} vs {cu[0]} of {cu[1]}", proportions_comparison(*ct, *cu)))
         gt, gu = survival_estimates(t), survival_estimates(u)
         for key in [k for k in gt if k in gu]:
             ct, cu = counts(gt[key]), counts(gu[key])
             if ct and cu:
-                tests.append((f"predictions surviving ({key})", f"{ct[0]} of {ct[1]} vs {cu[0]} of {cu[1]}",
+                tests.append(("geometry", f"predictions surviving a shift of {key}", f"{ct[0]} of {ct[1]} vs {cu[0]} of {cu[1]}",
                               proportions_comparison(*ct, *cu)))
         if not tests:
             s["blocks"].append({"kind": "text", "text": f"{t.label} against {u.label}: no measure both runs have."})
             continue
-        adjusted = adjust([c for _, _, c in tests])
+        adjusted: list = [None] * len(tests)
+        for family in dict.fromkeys(f for f, _, _, _ in tests):  # Holm within each stage's family of tests
+            idx = [i for i, x in enumerate(tests) if x[0] == family]
+            for i, c in zip(idx, adjust([tests[i][3] for i in idx])):
+                adjusted[i] = c
         rows = []
-        for (measure, detail, _), c in zip(tests, adjusted):
+        for (family, measure, detail, _), c in zip(tests, adjusted):
             d = c.to_dict()
-            words = verdict(d, "trained differs from random", "trained differs from random",
-                            "not distinguishable from random initialisation")
-            rows.append({"measure": measure, "counts / pairing": detail,
+            words = verdict(d, "trained differs from random", "trained differs from random", "not distinguishable")
+            rows.append({"stage": family, "measure": measure, "counts / pairing": detail,
                          f"{t.label} − {u.label} [95% CI], p": fmt_comparison(d), "verdict": words})
-            s["claims"].append(claim("baseline", t.label, f"{measure}: {t.label} against {u.label}", words, d))
+            s["claims"].append(claim("baseline", t.label, f"{measure}: {t.label} against {u.label}", words, d,
+                                     family=family))
         s["blocks"].append(_table(f"{t.label} (trained, {epochs(t)} epochs) against {u.label} (untrained)",
-                                  pd.DataFrame(rows)))
+                                  pd.DataFrame(rows), wrap=("counts / pairing",)))
     return s
 
 
