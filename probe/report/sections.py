@@ -873,7 +873,7 @@ def baseline(runs: list[RunData]) -> dict | None:
             s["claims"].append(claim("baseline", t.label, f"{measure}: {t.label} against {u.label}", words, d,
                                      family=family))
         s["blocks"].append(_table(f"{t.label} (trained, {epochs(t)} epochs) against {u.label} (untrained)",
-                                  pd.DataFrame(rows), wrap=("counts / pairing",)))
+                                  pd.DataFrame(rows), wrap=("measure", "counts / pairing")))
     return s
 
 
