@@ -1,9 +1,15 @@
-"""Cost of vanilla gradient and Integrated Gradients against bare forward+backward passes, in one run.
+"""Cost of vanilla gradient and Integrated Gradients against bare forward+backward passes, and of the
+random-order null distribution of deletion / insertion, in one run.
 
 Baseline: one forward pass and one backward pass to the input over the same batch (parameters frozen,
 ``torch.autograd.grad`` of the target logits' sum), on the same attribution copy of the model that the
 methods use. Targets (issue 4): vanilla gradient <= 1.3x one forward+backward; IG with n_steps=32 <=
 1.2x 32 forward+backward.
+
+Random orders (issue 13): ``R`` random pixel orders per image scored batched (orders of several
+images share forward passes, :func:`probe.saliency.faithfulness.random_order_aucs`) against the
+same orders scored one order at a time, and against one method's deletion + insertion (the unit
+the stage pays per method).
 
     python benchmarks/bench_saliency.py [--quick] [--threads N]
 """
@@ -47,7 +53,7 @@ def _forward_backward(model, x, target):
 
 def bench_model(name: str, model: torch.nn.Module, x: torch.Tensor, repeats: int, ig_repeats: int,
                 internal_batch_size: int) -> dict:
-    model = attribution_copy(model)
+    model = attribution_copy(model, x[:1])
     target = torch.arange(len(x)) % 10
     s = MethodSettings(ig_steps=IG_STEPS, ig_internal_batch_size=internal_batch_size)
     s_large = MethodSettings(ig_steps=IG_STEPS, ig_internal_batch_size=LARGE_INTERNAL_BATCH)
@@ -72,6 +78,27 @@ def bench_model(name: str, model: torch.nn.Module, x: torch.Tensor, repeats: int
             "vanilla_meets_target": vanilla / fb <= 1.3, "ig_meets_target": ig / fb32 <= 1.2}
 
 
+def bench_random_orders(name: str, model: torch.nn.Module, x: torch.Tensor, orders: int, steps: int,
+                        eval_batch: int, rounds: int) -> dict:
+    from probe.saliency.faithfulness import deletion_insertion_auc, random_order, random_order_aucs
+
+    model = attribution_copy(model, x[:1])
+    target = torch.arange(len(x)) % 10
+    sub = torch.zeros_like(x)
+    pixels = x.shape[-2] * x.shape[-1]
+    one = random_order(len(x), pixels, 0)
+    t = _interleaved_min({
+        "one_order": lambda: deletion_insertion_auc(model, x, target, one, sub, steps, eval_batch),
+        "batched": lambda: random_order_aucs(model, x, target, sub, steps, orders, 0, eval_batch),
+        "sequential": lambda: [deletion_insertion_auc(model, x, target, random_order(len(x), pixels, r), sub, steps,
+                                                      eval_batch) for r in range(orders)]}, rounds)
+    print(f"{name}: one order {t['one_order']:.3f}s, {orders} orders batched {t['batched']:.3f}s, "
+          f"one at a time {t['sequential']:.3f}s", file=sys.stderr, flush=True)
+    return {"model": name, "images": len(x), "orders": orders, "auc_steps": steps, "eval_batch_size": eval_batch,
+            "one_order_s": t["one_order"], "batched_s": t["batched"], "sequential_s": t["sequential"],
+            "batched_vs_sequential": t["batched"] / t["sequential"], "batched_vs_one_order": t["batched"] / t["one_order"]}
+
+
 def run(quick: bool = False) -> dict:
     import torchvision
 
@@ -84,7 +111,12 @@ def run(quick: bool = False) -> dict:
     internal = SaliencyConfig().ig_internal_batch_size  # the stage's default
     rows = [bench_model(n, m, x, repeats=3 if quick else 5, ig_repeats=1 if quick or n == "resnet18" else 2,
                         internal_batch_size=internal) for n, m, x in cases]
-    return {"torch_threads": torch.get_num_threads(), "device": "cpu", "ig_steps": IG_STEPS, "results": rows}
+    cfg = SaliencyConfig()
+    orders = [bench_random_orders(n, build(n).eval(), torch.rand(10, 1, 32, 32), 8 if quick else cfg.random_orders,
+                                  cfg.auc_steps, cfg.eval_batch_size, rounds=1 if quick else 2)
+              for n in ("lenet5", "resnet_small")]
+    return {"torch_threads": torch.get_num_threads(), "device": "cpu", "ig_steps": IG_STEPS, "results": rows,
+            "random_orders": orders}
 
 
 if __name__ == "__main__":
@@ -101,4 +133,9 @@ if __name__ == "__main__":
               f"{r['ig_large_s']:8.3f} {r['ig_large_ratio']:6.2f}")
     print(f"targets: vanilla <= 1.3x, IG <= 1.2x (IG: internal_batch_size {out['results'][0]['ig_internal_batch_size']}, "
           f"the stage default; IG512: internal_batch_size {LARGE_INTERNAL_BATCH})")
+    print(f"{'model':14s} {'orders':>6s} {'1 order s':>9s} {'batched s':>9s} {'1-by-1 s':>9s} {'b/1-by-1':>8s} "
+          f"{'b/1 order':>9s}")
+    for r in out["random_orders"]:
+        print(f"{r['model']:14s} {r['orders']:6d} {r['one_order_s']:9.3f} {r['batched_s']:9.3f} {r['sequential_s']:9.3f} "
+              f"{r['batched_vs_sequential']:8.2f} {r['batched_vs_one_order']:9.2f}")
     print(json.dumps(out, indent=2))

@@ -284,6 +284,16 @@ def test_default_gradcam_layer_of_probe_and_torchvision_models():
     assert (outs["layer4.1"] >= 0).all() and outs["layer4.1"].shape[-2:] == (2, 2)
 
 
+def test_default_gradcam_layer_without_rectifiers_and_without_feature_maps():
+    torch.manual_seed(0)
+    silu = nn.Sequential(nn.Conv2d(1, 3, 3), nn.SiLU(), nn.Conv2d(3, 4, 3), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 2))
+    assert default_gradcam_layer(silu, torch.zeros(1, 1, 8, 8)) == ("3", "last feature map")
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match="saliency.gradcam_layer.*name a layer"):
+        gradcam_layer(mlp, torch.zeros(1, 1, 8, 8), None)
+
+
 @pytest.mark.parametrize("window, stride", [(2, 2), (3, 1)])
 def test_occlusion_matches_brute_force(window, stride):
     model = tiny_cnn(channels=2)

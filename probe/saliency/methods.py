@@ -2,7 +2,8 @@
 
 Every method takes the attribution copy of the model (see :mod:`probe.saliency.prepare`), images
 ``x`` (N, C, H, W) normalised and ``target`` (N,) class indices, and returns attributions of the
-model's output for the target class (for LeNet-5 that output is a log-probability).
+copy's output for the target class: the logit (pre-softmax score; LeNet-5's final LogSoftmax is
+bypassed there), as Simonyan et al. 2014 (section 3) and Selvaraju et al. 2017 (section 3) define.
 
 Reduction over input channels, per method (:data:`REDUCTION`):
 
