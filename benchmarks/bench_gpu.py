@@ -106,8 +106,8 @@ def saliency(dev: torch.device, z: dict) -> dict:
 
     batch, steps = z["sal_batch"], z["ig_steps"]
     torch.manual_seed(0)
-    model = attribution_copy(torchvision.models.resnet50(weights=None).eval()).to(dev)
     x = torch.randn(batch, 3, z["side"], z["side"], device=dev)
+    model = attribution_copy(torchvision.models.resnet50(weights=None).eval().to(dev), x[:1])
     target = torch.arange(batch, device=dev) % 1000
     s = MethodSettings(ig_steps=steps)
 
