@@ -57,7 +57,12 @@ def num(v, decimals: Optional[int] = None) -> str:
     """A number with a true minus sign; three significant digits unless ``decimals`` is given."""
     if not _finite(v):
         return "undefined"
-    s = f"{v:.{decimals}f}" if decimals is not None else f"{v:.3g}"
+    if decimals is not None:
+        s = f"{v:.{decimals}f}"
+    elif abs(v) >= 1000:
+        s = f"{v:,.0f}"
+    else:
+        s = f"{v:.3g}"
     if s.lstrip("-").strip("0.") == "":  # -0.00 -> 0.00
         s = s.lstrip("-")
     return s.replace("-", MINUS)
@@ -74,7 +79,7 @@ def fmt_p(p) -> str:
 def _interval(centre, low, high) -> str:
     dec = _decimals(low, high)
     if dec is None:
-        return num(centre) + (" [interval undefined]" if not (_finite(low) and _finite(high)) else "")
+        return num(centre) + (" [interval undefined]" if not (_finite(low) and _finite(high)) else " [no spread]")
     return f"{num(centre, dec)} [{num(low, dec)}, {num(high, dec)}]"
 
 
