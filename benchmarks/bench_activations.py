@@ -4,7 +4,10 @@ In one run, per model: seconds for a plain ``model(x)`` pass over the same batch
 for the statistics pass (every default layer: sums, squares, min, max, histogram, class sums,
 top-k exemplars), in 9 interleaved rounds; the ratio is the median over rounds of stats / plain
 in the same round (the machine's speed drifts between rounds, not within one). ``stride4``: the
-statistics pass with ``hist_stride=4`` (histograms and quantiles from every 4th position). Then
+statistics pass with ``hist_stride=4`` (histograms and quantiles from every 4th position).
+``no_rectified``: the statistics pass without the rectified-response accumulators (every layer treated as
+having none: what the pass cost before dead units and selectivity moved to the rectified response), so
+``rectified_cost`` (median of full / no_rectified per round) is the price of that accumulator. Then
 the peak RSS of a fresh subprocess that streams N and 10 N images through the statistics pass.
 Targets (issue 3): ratio <= 1.3 on CPU; peak memory at 10 N within 5% of that at N.
 
@@ -41,10 +44,10 @@ def batches(n: int, channels: int, size: int, batch: int, seed: int = 0):
         yield torch.randn(m, channels, size, size, generator=g), torch.randint(0, 10, (m,), generator=g)
 
 
-def stats_pass(model, data, layers, hist_stride: int = 1):
+def stats_pass(model, data, layers, hist_stride: int = 1, rectified: dict | None = None):
     from probe.activations import collect
 
-    return collect(model, data, layers, torch.device("cpu"), 10, hist_stride=hist_stride)
+    return collect(model, data, layers, torch.device("cpu"), 10, hist_stride=hist_stride, rectified=rectified)
 
 
 @torch.no_grad()
@@ -63,14 +66,20 @@ def time_case(name: str, quick: bool) -> dict:
     layers = default_layers(model)
     plain_pass(model, data[:1])
     stats_pass(model, data[:1], layers)
-    plain, full, strided = [], [], []
-    for _ in range(2 if quick else 9):  # interleaved rounds: the machine's speed drifts between rounds
+    stats_pass(model, data[:1], layers, rectified={})
+    rectified = sum(s.rectified is not None for s in stats_pass(model, data[:1], layers)[0].layers.values())
+    plain, full, strided, norect = [], [], [], []
+    for _ in range(3 if quick else 9):  # interleaved rounds: the machine's speed drifts between rounds
         t = time.perf_counter(); plain_pass(model, data); plain.append(time.perf_counter() - t)
         t = time.perf_counter(); stats_pass(model, data, layers); full.append(time.perf_counter() - t)
         t = time.perf_counter(); stats_pass(model, data, layers, 4); strided.append(time.perf_counter() - t)
-    return {"images": n, "batch": batch, "layers": len(layers), "plain_s": min(plain), "stats_s": min(full),
+        t = time.perf_counter(); stats_pass(model, data, layers, rectified={}); norect.append(time.perf_counter() - t)
+    return {"images": n, "batch": batch, "layers": len(layers), "rectified_layers": rectified,
+            "plain_s": min(plain), "stats_s": min(full),
             "ratio": median_ratio(full, plain), "ratios": [f / p for f, p in zip(full, plain)],
-            "stats_stride4_s": min(strided), "ratio_stride4": median_ratio(strided, plain)}
+            "stats_stride4_s": min(strided), "ratio_stride4": median_ratio(strided, plain),
+            "no_rectified_s": min(norect), "ratio_no_rectified": median_ratio(norect, plain),
+            "rectified_cost": median_ratio(full, norect)}
 
 
 def median_ratio(times: list[float], baseline: list[float]) -> float:
@@ -106,8 +115,10 @@ if __name__ == "__main__":
         torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
     res = run(quick="--quick" in sys.argv)
     print(f"threads {res['threads']}, load average {res['load_avg_1min']:.1f}")
-    print(f"{'case':14} {'images':>6} {'plain s':>8} {'stats s':>8} {'ratio':>6} {'stride4':>8}   {'RSS MB at N, 10N':>18} {'ratio':>6}")
+    print(f"{'case':14} {'images':>6} {'plain s':>8} {'stats s':>8} {'ratio':>6} {'stride4':>8} {'no rect':>8} "
+          f"{'rect cost':>9}   {'RSS MB at N, 10N':>18} {'ratio':>6}")
     for name, r in res["cases"].items():
         print(f"{name:14} {r['images']:>6} {r['plain_s']:>8.2f} {r['stats_s']:>8.2f} {r['ratio']:>6.2f}   "
-              f"{r['ratio_stride4']:>8.2f}   {r['peak_rss_mb'][0]:>8.0f} {r['peak_rss_mb'][1]:>8.0f} {r['mem_ratio']:>6.3f}   (N={r['mem_images'][0]})")
+              f"{r['ratio_stride4']:>8.2f} {r['ratio_no_rectified']:>8.2f} {r['rectified_cost']:>9.3f}   "
+              f"{r['peak_rss_mb'][0]:>8.0f} {r['peak_rss_mb'][1]:>8.0f} {r['mem_ratio']:>6.3f}   (N={r['mem_images'][0]})")
     print(json.dumps(res, indent=2))
