@@ -225,7 +225,10 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     assert (got["low"], got["high"]) == pytest.approx(wilson(k, 20))
     assert row["k"].item() == k and row["n"].item() == 20
     assert set(metrics["equivariance"]) == {"conv1", "pool", "conv2", "gap"}
-    assert metrics["equivariance"]["gap"] == {"map_h": 1, "map_w": 1, "stride": 16.0, "measurable": False}
+    gap_depth = int(eq[eq["layer"] == "gap"]["depth"].iloc[0])
+    assert metrics["equivariance"]["gap"] == {"depth": gap_depth, "map_h": 1, "map_w": 1, "stride": 16.0, "measurable": False}
+    counts = np.bincount(p0.numpy())
+    assert metrics["survival"]["chance_agreement"] == pytest.approx(float(((counts / counts.sum()) ** 2).sum()))
     # bad config: exit 2, nothing lost
     before = sorted(p.name for p in out.iterdir())
     assert main(["geometry", f"run={run}", "shift.modes=[wrap]"]) == 2
@@ -322,11 +325,11 @@ def test_lenet5_equivariance_is_named_by_the_layer_it_was_measured_on():
         assert r.measurable == (shapes[r.layer][-1 if r.axis == "x" else -2] > 1)
     head = equivariance_headline(eq)
     strides = {"conv1": 1, "pool1": 2, "conv2": 2, "pool2": 4, "conv3": 4}  # input pixels between units, by hand
-    assert head["conv3"] == {"map_h": 1, "map_w": 1, "stride": 4.0, "measurable": False}
+    assert head["conv3"] == {"depth": layers.index("conv3"), "map_h": 1, "map_w": 1, "stride": 4.0, "measurable": False}
     for name in spatial:
         if name == "conv3":
             continue
-        assert (head[name]["map_h"], head[name]["map_w"]) == shapes[name][-2:]
+        assert (head[name]["map_h"], head[name]["map_w"]) == shapes[name][-2:] and head[name]["depth"] == layers.index(name)
         stride = strides[name]
         assert head[name]["stride"] == stride
         errs = []

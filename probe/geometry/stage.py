@@ -85,7 +85,8 @@ def _finite(v) -> float | None:
 
 
 def equivariance_headline(eq: pd.DataFrame) -> dict[str, dict]:
-    """Per layer with a spatial output, by name: its map size (``map_h``, ``map_w``), stride, and at the
+    """Per layer with a spatial output, by name: its depth (index in the layer list, in call order), map size
+    (``map_h``, ``map_w``), stride, and at the
     smallest shift ``n`` of the table, per border mode, the error (``shift{n}_{mode}``) and the interior
     error (``shift{n}_{mode}_interior``), each the mean over the axes where the map can show it. A map too
     small for the shift (a 1x1 map) has ``measurable: false`` and no error: nothing else stands in for it."""
@@ -95,8 +96,8 @@ def equivariance_headline(eq: pd.DataFrame) -> dict[str, dict]:
     n = int(eq.loc[eq["shift"].abs().idxmin(), "shift"])
     for name, g in eq.sort_values("depth", kind="stable").groupby("layer", sort=False):
         sel = g[g["shift"] == n]
-        d = {"map_h": int(g["map_h"].iloc[0]), "map_w": int(g["map_w"].iloc[0]), "stride": _finite(sel["stride"].max()),
-             "measurable": bool(sel["measurable"].any())}
+        d = {"depth": int(g["depth"].iloc[0]), "map_h": int(g["map_h"].iloc[0]), "map_w": int(g["map_w"].iloc[0]),
+             "stride": _finite(sel["stride"].max()), "measurable": bool(sel["measurable"].any())}
         for mode, m in sel[sel["measurable"]].groupby("mode", sort=True):
             d[f"shift{n}_{mode}"] = _finite(m["error"].mean())
             d[f"shift{n}_{mode}_interior"] = _finite(m["error_interior"].mean())
@@ -107,7 +108,10 @@ def equivariance_headline(eq: pd.DataFrame) -> dict[str, dict]:
 def survival_headline(inv: pd.DataFrame) -> dict[str, dict]:
     """Per shift of the input (``shift{n}_{axis}_{mode}``): the probe images whose predicted class is unchanged,
     ``k`` of ``n`` with Wilson's interval (:func:`probe.uncertainty.proportion_interval`); the two axes are
-    kept apart (the same images, so not independent trials). ``accuracy_clean``: correct on the untransformed images."""
+    kept apart (the same images, so not independent trials). ``accuracy_clean``: correct on the untransformed
+    images. ``chance_agreement``: ``sum_c p_c^2`` over the classes predicted on the untransformed images, the
+    survival a shift would show if it replaced each image by a random other one (1 for a net that predicts one
+    class for everything: there survival says nothing about shifts)."""
     out: dict[str, dict] = {}
     rows = inv[(inv["layer"] == "output") & (inv["transform"] == "shift")]
     for r in rows.sort_values(["mode", "axis", "amount"], kind="stable").itertuples():
@@ -121,11 +125,21 @@ def survival_headline(inv: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-def headline(eq: pd.DataFrame, inv: pd.DataFrame, erf: pd.DataFrame, fields: dict[str, LayerField]) -> dict:
+def chance_agreement(pred: torch.Tensor) -> float:
+    """``sum_c (n_c / n)^2`` of predicted classes ``pred`` ``(n,)``: how often two images drawn with replacement agree."""
+    counts = torch.bincount(pred.flatten()).double()
+    return float(((counts / counts.sum()) ** 2).sum())
+
+
+def headline(eq: pd.DataFrame, inv: pd.DataFrame, erf: pd.DataFrame, fields: dict[str, LayerField],
+             chance: float | None = None) -> dict:
     """Small dict for DVC, every layer named: ``equivariance`` (:func:`equivariance_headline`), ``survival``
     (:func:`survival_headline`), ``erf``: the ERF side and ERF/TRF ratio per input kind and the TRF of the
-    conv with the largest theoretical field (:func:`deepest_conv`), under its name."""
+    conv with the largest theoretical field (:func:`deepest_conv`), under its name; ``chance``: the clean
+    predictions' :func:`chance_agreement`, written under ``survival``."""
     out: dict[str, dict] = {"equivariance": equivariance_headline(eq), "survival": survival_headline(inv), "erf": {}}
+    if chance is not None and out["survival"]:
+        out["survival"]["chance_agreement"] = chance
     last = deepest_conv(erf, fields)
     if last is not None:
         sel = erf[erf["layer"] == last]
@@ -192,6 +206,6 @@ def run(cfg: GeometryStage) -> Path:
             figures.shift_survival(inv, tmp / "shift_survival.png")
             if dyn is not None:
                 figures.dynamics(dyn, filters, tmp / "dynamics.png", tmp / "dynamics_filters.png")
-        write_json(tmp / "metrics.json", headline(eq, inv, erf, fields))
+        write_json(tmp / "metrics.json", headline(eq, inv, erf, fields, chance_agreement(layer_outputs(model, x, [], bs, device)[0].argmax(1))))
     log.info("%s: geometry of %d layers on %d probe images written", out_dir, len(layers), len(x))
     return out_dir
