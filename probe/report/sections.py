@@ -240,8 +240,16 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
             "only. Units where it is undefined are left out" + (f" ({outside} values outside [0, 1], where the "
                                                                "index is undefined, dropped)" if outside else ""), fig))
 
+    medians = {r.label: r.metrics["activations"].get("selectivity_median") for r in have}
+    if all(isinstance(m, dict) for m in medians.values()):  # the stage's own summary, where it writes one
+        per_layer["selectivity"] = [medians[run].get(layer, np.nan) for run, layer in zip(per_layer["run"], per_layer["layer"])]
+        sel_name = "selectivity (median over units)"
+    else:
+        sel_name = "selectivity (mean over units where defined)"
     table = per_layer.assign(dead=per_layer["dead"].round(4), sparsity=per_layer["sparsity"].round(4))
-    s["blocks"].append(_table("Per layer", table[["run", "layer", "dead", "sparsity", "selectivity"]]) | {"collapsed": True})
+    table = table.rename(columns={"selectivity": sel_name})
+    s["blocks"].append(_table("Per layer (dead units only where the layer has a rectified response; blank: undefined)",
+                              table[["run", "layer", "dead", "sparsity", sel_name]]) | {"collapsed": True})
 
     if n_units:
         items = []
