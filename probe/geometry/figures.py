@@ -64,21 +64,22 @@ def erf_vs_depth(erf: pd.DataFrame, path: Path) -> None:
 
 
 def equivariance_by_depth(eq: pd.DataFrame, path: Path) -> None:
-    """Normalised equivariance error per layer (named with its map size), one line per shift, one panel per
+    """Normalised equivariance error on the interior units (receptive fields clear of padding and of what came
+    in or wrapped round at the border) per layer, named with its map size, one line per shift, one panel per
     border mode; layers whose map is too small for a shift (``measurable`` False) are left out of that shift."""
     eq = eq[eq["measurable"]]
     modes = list(eq["mode"].unique())
     fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(4.2 * max(len(modes), 1), 3.2), squeeze=False, sharey=True)
     for ax, mode in zip(axes[0], modes):
-        g = eq[eq["mode"] == mode].groupby(["depth", "layer", "map_h", "map_w", "shift"], as_index=False)["error"].mean()
+        g = eq[eq["mode"] == mode].groupby(["depth", "layer", "map_h", "map_w", "shift"], as_index=False)["error_interior"].mean()
         names = g.drop_duplicates("depth").sort_values("depth")
         pos = {d: i for i, d in enumerate(names["depth"])}
         for n, s in g.groupby("shift"):
             s = s.sort_values("depth")
-            ax.plot([pos[d] for d in s["depth"]], s["error"], marker="o", label=f"shift {n}")
+            ax.plot([pos[d] for d in s["depth"]], s["error_interior"], marker="o", label=f"shift {n}")
         ax.set_xticks(np.arange(len(names)), [f"{r.layer} ({r.map_h}x{r.map_w})" for r in names.itertuples()],
                       rotation=45, ha="right", fontsize=7)
-        ax.set_title(f"{mode} shifts", fontsize=9)
+        ax.set_title(f"{mode} shifts, interior units", fontsize=9)
         ax.set_ylabel("||f(Tx) - T'f(x)|| / ||f(x)||")
         ax.legend(fontsize=7)
     _save(fig, path)
