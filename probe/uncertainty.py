@@ -113,7 +113,8 @@ def _wilson(k: int, n: int, level: float) -> tuple[float, float]:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds p (at k = n the upper bound is 1 exactly, not 1 - 1e-16)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def sign_flip_p(d: np.ndarray, resamples: int = 10_000, seed: int = 0) -> float:

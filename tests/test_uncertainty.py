@@ -32,6 +32,8 @@ def test_wilson_matches_the_published_values():
     assert (e.low, e.high) == pytest.approx((0.0, 0.2775), abs=1e-4)
     e = proportion_interval(81, 263)
     assert (e.low, e.high) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    for n in range(1, 60):  # the bounds hold k/n exactly at the ends (no 1 - 1e-16 above a share of 1)
+        assert proportion_interval(n, n).high == 1.0 and proportion_interval(0, n).low == 0.0
     with pytest.raises(ValueError, match="k <= n"):
         proportion_interval(3, 2)
 
