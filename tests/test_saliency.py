@@ -811,7 +811,7 @@ def test_cli_end_to_end_writes_every_file(tiny_run):
     from probe.cli import main
     from probe.saliency.config import METHODS
 
-    assert main(["saliency", f"run={tiny_run}", "device=cpu"] + CHEAP[:-1]) == 0
+    assert main(["saliency", f"run={tiny_run}", "device=cpu", "data.probe_per_class=1"] + CHEAP[:-1]) == 0
     out = tiny_run / "saliency"
     for f in ["maps.npz", "metrics.parquet", "randomisation.parquet", "metrics.json"] + \
              [f"overlays/{m}.png" for m in METHODS]:
@@ -837,7 +837,7 @@ def test_cli_end_to_end_writes_every_file(tiny_run):
     summary = json.loads((out / "metrics.json").read_text())
     assert set(summary) == set(METHODS) | {"target", "head_bypassed", "gradcam_layer", "random_orders", "auc_steps"}
     assert summary["target"] == "logit" and summary["head_bypassed"] is None  # tiny_cnn ends in logits
-    assert summary["gradcam_layer"] == "relu2" and summary["random_orders"] == 32 == df.random_orders.iloc[0]
+    assert summary["gradcam_layer"] == "relu2" and summary["random_orders"] == SaliencyConfig().random_orders == df.random_orders.iloc[0]
     assert maps["target_output"].tolist() == ["logit"]
     true = df[df.target_kind == "true"]
     pvalues = []
