@@ -17,7 +17,10 @@ report and the README all say the same thing the same way.
 - :func:`holm`: Holm's step-down adjustment for a family of tests (Holm 1979).
 
 Intervals are 95% unless ``level`` says otherwise. A comparison is *distinguishable* when its
-(adjusted, if set) p-value is below ``alpha``; otherwise the report says "not distinguishable".
+(Holm-adjusted, if set) p-value is below ``alpha`` **and** its interval excludes 0: at small n the t
+interval and the permutation test can disagree (six pairs all of one sign give p = 2/64 while the t
+interval still covers 0), and probe states only what both support. Otherwise the report says "not
+distinguishable".
 """
 
 from __future__ import annotations
@@ -67,10 +70,19 @@ class Comparison:
 
     def distinguishable(self, alpha: float = ALPHA) -> bool:
         p = self.p if self.p_adjusted is None else self.p_adjusted
-        return bool(np.isfinite(p) and p < alpha)
+        covers_zero = np.isfinite(self.low) and np.isfinite(self.high) and self.low <= 0 <= self.high
+        return bool(np.isfinite(p) and p < alpha and not covers_zero)
 
     def to_dict(self) -> dict:
         return {**_finite_dict(asdict(self)), "distinguishable": self.distinguishable()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Comparison":
+        """The inverse of :meth:`to_dict` (null bounds or p read as NaN)."""
+        nan = lambda v: math.nan if v is None else float(v)  # noqa: E731
+        return cls(nan(d.get("effect")), nan(d.get("low")), nan(d.get("high")), nan(d.get("p")), int(d.get("n") or 0),
+                   str(d.get("test", "")), float(d.get("level", LEVEL)),
+                   None if d.get("p_adjusted") is None else float(d["p_adjusted"]))
 
 
 def _finite_dict(d: dict) -> dict:

@@ -78,7 +78,17 @@ def test_holm_matches_the_hand_worked_example():
     # p sorted: 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, max(0.03, 2*0.03), max(0.06, 0.04)
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert math.isnan(holm([0.2, float("nan")])[1]) and holm([0.2, float("nan")])[0] == pytest.approx(0.2)
-    cs = adjust([Comparison(1, 0, 2, 0.02, 5, "t"), Comparison(1, 0, 2, 0.04, 5, "t")])
+    cs = adjust([Comparison(1, 0.5, 2, 0.02, 5, "t"), Comparison(1, 0.5, 2, 0.04, 5, "t")])
     assert [c.p_adjusted for c in cs] == pytest.approx([0.04, 0.04])
     assert cs[0].to_dict()["distinguishable"] is True
-    assert Comparison(1, 0, 2, 0.02, 5, "t", p_adjusted=0.2).distinguishable() is False
+    assert Comparison(1, 0.5, 2, 0.02, 5, "t", p_adjusted=0.2).distinguishable() is False
+
+
+def test_a_verdict_needs_both_the_test_and_the_interval():
+    # six pairs of one sign: exact sign-flip p = 2/64 < 0.05, but the t interval of these differences covers 0
+    c = paired_comparison([0.1, 0.2, 0.15, 3.0, 0.05, 2.5], [0.0] * 6)
+    assert c.p == pytest.approx(2 / 64) and c.low < 0 < c.high
+    assert not c.distinguishable() and c.to_dict()["distinguishable"] is False
+    assert Comparison.from_dict(c.to_dict()) == c
+    tight = paired_comparison([1.0, 1.1, 0.9, 1.05, 0.95, 1.0], [0.0] * 6)
+    assert tight.low > 0 and tight.distinguishable()

@@ -9,7 +9,8 @@ One formatter for a :class:`probe.uncertainty.Comparison` dict (``effect``, ``lo
 
 The interval's decimals follow its half-width (two significant digits of it), so a number is never
 printed more precisely than it is known. A verdict is stated only when the comparison is
-distinguishable (its Holm-adjusted p, else its p, below :data:`probe.uncertainty.ALPHA`); otherwise the
+distinguishable (:meth:`probe.uncertainty.Comparison.distinguishable`: its Holm-adjusted p, else its p, below
+:data:`probe.uncertainty.ALPHA`, and its interval clear of 0); otherwise the
 words are "not distinguishable from ...".
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from probe.uncertainty import ALPHA
+from probe.uncertainty import ALPHA, Comparison
 
 MINUS = "\u2212"
 
@@ -104,12 +105,8 @@ def fmt_estimate(d: Optional[dict]) -> str:
 
 
 def distinguishable(d: Optional[dict], alpha: float = ALPHA) -> bool:
-    """The adjusted p (else p) is below ``alpha`` (the same rule as :meth:`Comparison.distinguishable`)."""
-    if not is_comparison(d):
-        return False
-    p = d.get("p_adjusted")
-    p = d.get("p") if p is None else p
-    return _finite(p) and p < alpha
+    """:meth:`probe.uncertainty.Comparison.distinguishable` of a comparison dict (the one rule)."""
+    return is_comparison(d) and Comparison.from_dict(d).distinguishable(alpha)
 
 
 def verdict(d: Optional[dict], better: str, worse: str, neither: str, sign: int = 1) -> str:

@@ -435,7 +435,7 @@ def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
                 words = verdict(c, "beats random", "worse than random", "not distinguishable from random", sign)
                 rows.setdefault(kind, []).append({
                     "run": r.label, "method": method, f"{kind} AUC": v.get(f"{kind}_auc"),
-                    "random orders": v.get(f"{kind}_auc_random"),
+                    "random-order AUC": v.get(f"{kind}_auc_random"),
                     "method − random [95% CI], p": fmt_comparison(c) if c else "no test (rerun probe saliency)",
                     "verdict": words})
                 s["claims"].append(claim("saliency", r.label, f"{method} {kind} AUC against random pixel orders",
@@ -466,7 +466,7 @@ def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
                                       f"saliency/metrics.json) against the mean over random pixel orders; {better} "
                                       "than random is better", pd.DataFrame(rows[kind])))
     if road:
-        s["blocks"].append(_table("ROAD (Rong et al. 2022): accuracy-curve AUC removing the most (MoRF) and least (LeRF) "
+        s["blocks"].append(_table("ROAD (Rong et al. 2022): AUC of the target's probability, removing the most (MoRF) and least (LeRF) "
                                   "relevant pixels first with noisy linear imputation; a faithful map has LeRF > MoRF",
                                   pd.DataFrame(road)))
     if rnd_rows:
