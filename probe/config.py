@@ -7,7 +7,7 @@ are checked in ``__post_init__``, which runs when a stage calls :func:`to_object
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -168,6 +168,10 @@ def to_object(cfg: DictConfig):
     """Turn a composed config into its dataclass, raising :class:`ConfigError` on bad values."""
     from omegaconf.errors import OmegaConfBaseException
 
+    unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), _schema_of(cfg))
+    if unknown:
+        key, allowed = unknown[0]
+        raise ConfigError(f"{key}: unknown key{closest(key.rsplit('.', 1)[-1], allowed)}; allowed: {', '.join(allowed)}")
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError:
@@ -175,3 +179,33 @@ def to_object(cfg: DictConfig):
     except OmegaConfBaseException as e:  # e.g. a missing mandatory value
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(f"{key}: {getattr(e, 'msg', str(e)).splitlines()[0]}") from None
+
+
+def _schema_of(cfg: DictConfig):
+    """The dataclass a composed config is typed by (None for an untyped one)."""
+    return OmegaConf.get_type(cfg)
+
+
+def unknown_keys(node: dict, schema, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(dotted key, the keys allowed beside it) for every key of ``node`` that dataclass ``schema`` does not
+    declare. Hydra's ``+key=value`` adds keys that OmegaConf then drops silently when it builds the dataclass;
+    a ``dict`` field (``model.kwargs``) takes any key."""
+    if schema is None or not is_dataclass(schema):
+        return []
+    declared = {f.name: f for f in fields(schema)}
+    out = []
+    for k, v in node.items():
+        if k not in declared:
+            out.append((f"{prefix}{k}", list(declared)))
+        elif isinstance(v, dict):
+            sub = _field_type(schema, k)
+            out += unknown_keys(v, sub, f"{prefix}{k}.")
+    return out
+
+
+def _field_type(schema, name: str):
+    """The dataclass type of field ``name`` of ``schema`` (resolving string annotations), or None."""
+    import typing
+
+    hint = typing.get_type_hints(schema).get(name)
+    return hint if is_dataclass(hint) else None

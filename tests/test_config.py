@@ -9,6 +9,9 @@ from probe.cli import main
     "overrides,key,hint",
     [
         (["train.foo=1"], "train.foo", "unknown key; allowed: epochs"),  # unknown key
+        (["+bogus=1"], "bogus", "unknown key; allowed: data, model, train, seed"),  # added with +: OmegaConf would drop it silently
+        (["+model.bogus2=2"], "model.bogus2", "unknown key; allowed: name"),
+        (["+train.epochz=3"], "train.epochz", "did you mean 'epochs'"),
         (["data.batch_size=abc"], "data.batch_size", "Integer"),  # wrong type
         (["data.batch_size=-5"], "data.batch_size", ">= 1"),  # out of range
         (["train.lr=0"], "train.lr", "> 0"),  # out of range (open)
@@ -28,6 +31,17 @@ def test_bad_train_config_exits_2_naming_the_key(overrides, key, hint, tmp_path,
     assert len(err) == 1, err
     assert f"error: {key}" in err[0] and hint in err[0], err[0]
     assert not run_dir.exists()  # nothing was written
+
+
+def test_an_added_key_is_refused_in_every_stage_and_a_dict_field_takes_any(tmp_path, capsys):
+    assert main(["saliency", f"run={tmp_path}/none", "+saliency.foo=1"]) == 2  # before the run dir is read
+    assert "saliency.foo: unknown key" in capsys.readouterr().err
+    run_dir = tmp_path / "run"  # model.kwargs is a dict: its keys go to the model factory
+    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=0", "progress=false",
+                 "+model.kwargs.width=8", f"run_dir={run_dir}"]) == 0
+    import json
+
+    assert json.loads((run_dir / "card.json").read_text())["model"]["kwargs"] == {"width": 8}
 
 
 def test_unknown_stage_exits_2(capsys):
