@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HydraException, OmegaConfBaseException) as e:
         print(f"probe {stage}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: staged outputs were removed on the way out; the shell's code for SIGINT
+        print(f"probe {stage}: interrupted; the outputs of this command were not written", file=sys.stderr)
+        return 130
     finally:
         sys.argv = old_argv
     return 0

@@ -333,7 +333,9 @@ SLOW_STAGED_DIR = textwrap.dedent("""
 """)
 
 
-def _kill_when(args: list[str], ready, cwd: Path, script: str = SLOW_STAGED_DIR, timeout: float = 90) -> None:
+def _kill_when(args: list[str], ready, cwd: Path, script: str = SLOW_STAGED_DIR, timeout: float = 90,
+               sig: int = signal.SIGKILL, code: int = -signal.SIGKILL) -> str:
+    """Run ``probe <args>`` in a subprocess, send ``sig`` once ``ready()``, check its exit ``code``; its stderr."""
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.Popen([sys.executable, "-c", script, *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -343,13 +345,16 @@ def _kill_when(args: list[str], ready, cwd: Path, script: str = SLOW_STAGED_DIR,
             assert proc.poll() is None, f"finished before it could be killed: {proc.stderr.read().decode()[-2000:]}"
             assert time.monotonic() < deadline, "timed out waiting for the stage"
             time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
         proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == code, err[-2000:]
+    return err
 
 
 def _staged(parent: Path, name: str):
@@ -368,6 +373,18 @@ def test_sigkill_mid_stage_keeps_the_previous_output_and_a_rerun_completes(stage
     assert len(list(run.glob(f".{OUTPUT[stage]}.*.tmp"))) == 1  # the dead stage's temp folder
     assert main(args) == 0
     assert (out / "metrics.json").is_file() and not list(run.glob(f".{OUTPUT[stage]}.*"))  # stale temp removed
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_stage_exits_130_with_one_line_and_leaves_the_previous_output(complete_runs, tmp_path):
+    run = copy_run(complete_runs[0], tmp_path / "run")
+    before = files(run / "activations")
+    err = _kill_when(["activations", f"run={run}", *CHEAP["activations"]], _staged(run, "activations"), tmp_path,
+                     sig=signal.SIGINT, code=130)
+    lines = [line for line in err.splitlines() if line.strip() and "][" not in line]  # without Hydra's log lines
+    assert lines == ["probe activations: interrupted; the outputs of this command were not written"], err[-2000:]
+    assert "Traceback" not in err
+    assert files(run / "activations") == before and not list(run.glob(".activations.*"))  # temp folder removed
 
 
 @pytest.mark.slow
