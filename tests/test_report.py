@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -368,3 +369,32 @@ def test_shift_survival_is_read_per_shift_with_its_counts_and_compared_with_the_
     assert c["stat"]["p"] == pytest.approx(stats.fisher_exact([[45, 5], [50, 0]]).pvalue)
     g = sections.geometry(runs, {})
     assert "45 of 50: 0.90" in json.dumps(g["blocks"]) and len(g["claims"]) == 2
+
+
+@pytest.mark.parametrize("path", ["artifacts/lenet5", "multirun/train/2026-12-01_10-00-00/model=lenet5,seed=0",
+                                  "/tmp/it's here/a b", 'x/"q"/y', "a\\b=c", 'a\\"b=', "end\\\\", "x=[1,2]\\"])
+def test_missing_stage_hints_paste_back_to_the_same_run_dir(path):
+    """The shell splits the hint and Hydra's own override parser reads the run dir back unchanged."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from probe.report.collect import stage_command
+
+    argv = shlex.split(stage_command("geometry", Path(path)))
+    assert argv[:2] == ["probe", "geometry"]
+    override = OverridesParser.create().parse_override(argv[2])
+    assert override.key_or_group == "run" and override.value() == path
+
+
+@pytest.mark.slow
+def test_a_pasted_hint_runs_on_a_sweep_style_run_dir(complete_runs, tmp_path):
+    import shlex
+
+    from probe.report.collect import stage_command
+
+    run = tmp_path / "sweep" / "model=tiny_cnn,seed=0"
+    shutil.copytree(complete_runs[0], run, ignore=shutil.ignore_patterns("geometry"))
+    argv = shlex.split(stage_command("geometry", run))
+    assert main([*argv[1:], "data.probe_per_class=1", "erf.noise_images=2"]) == 0
+    assert (run / "geometry" / "metrics.json").is_file()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,13 +15,26 @@ from omegaconf import OmegaConf
 from probe.errors import RunDirError
 from probe.rundir import read_card
 
-# stage folder -> the command that writes it
+# stage folder -> the command that writes it (see stage_command)
 STAGE_COMMANDS = {
-    "activations": "probe activations run={run}",
-    "saliency": "probe saliency run={run}",
-    "synthesis": "probe synthesize run={run}",
-    "geometry": "probe geometry run={run}",
+    "activations": "probe activations",
+    "saliency": "probe saliency",
+    "synthesis": "probe synthesize",
+    "geometry": "probe geometry",
 }
+
+
+def stage_command(stage: str, run: Path) -> str:
+    """The shell command that writes ``stage`` for ``run``, quoted so that it can be pasted: a sweep's run dirs
+    are named after their overrides (``model=lenet5,seed=0``), which Hydra reads as syntax unless the value
+    is a quoted string, and the shell needs the whole override quoted as well."""
+    path = str(run)
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", path):
+        value = path
+    else:  # a Hydra quoted string: quotes escaped, and the backslashes right before a quote (or the end) doubled
+        body = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', path)
+        value = '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body) + '"'
+    return f"{STAGE_COMMANDS[stage]} {shlex.quote('run=' + value)}"
 
 
 @dataclass

@@ -16,7 +16,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 from probe.report import ranking
 from probe.report.claims import (MINUS, claim, counts, estimates, fmt_comparison, fmt_estimate, is_comparison,
                                  is_estimate, num, verdict)
-from probe.report.collect import RUNTIME_KEYS, SEED_KEYS, STAGE_COMMANDS, RunData, differing_keys, seed_groups
+from probe.report.collect import RUNTIME_KEYS, SEED_KEYS, RunData, differing_keys, seed_groups, stage_command
 from probe.report.collect import headline as collect_headline
 from probe.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
 from probe.uncertainty import adjust, mean_interval, paired_comparison, proportion_interval, proportions_comparison
@@ -62,7 +62,7 @@ def _need(section: dict, runs: list[RunData], stage: str) -> list[RunData]:
         if r.has(stage):
             have.append(r)
         else:
-            section["missing"].append({"run": r.label, "command": STAGE_COMMANDS[stage].format(run=r.path)})
+            section["missing"].append({"run": r.label, "command": stage_command(stage, r.path)})
     return have
 
 
