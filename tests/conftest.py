@@ -47,3 +47,14 @@ def complete_runs(tmp_path_factory):
     """Two tiny runs (different seeds) with every stage's artefacts."""
     root = tmp_path_factory.mktemp("complete")
     return [make_run(root / "tiny_a", "seed=0"), make_run(root / "tiny_b", "seed=1")]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny_cnn trained one epoch, one per test module (the stages under test write into it)."""
+    from probe.cli import main
+
+    d = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={d}",
+                 "progress=false", f"hydra.run.dir={d}/logs"]) == 0
+    return d

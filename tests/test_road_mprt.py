@@ -318,16 +318,6 @@ def test_summary_ignores_predicted_rows(lerf_morf_frame):
 
 # ---------------------------------------------------------------- the saliency stage writes both
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from probe.cli import main
-
-    d = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={d}",
-                 "progress=false", f"hydra.run.dir={d}/logs"]) == 0
-    return d
-
-
 def run_stage(src, dst, **kw):
     import shutil
 

@@ -786,16 +786,6 @@ def test_unknown_method_names_the_key_and_closest_match():
 
 # ---------------------------------------------------------------- the stage
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from probe.cli import main
-
-    d = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={d}",
-                 "progress=false", f"hydra.run.dir={d}/logs"]) == 0
-    return d
-
-
 CHEAP = ["saliency.ig_steps=8", "saliency.smoothgrad_samples=4", "saliency.auc_steps=8",
          "saliency.overlays=false"]
 

@@ -467,16 +467,6 @@ def test_class_images_maximise_the_logit_before_any_softmax(head):
 
 # ---------------------------------------------------------------- the stage
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from probe.cli import main
-
-    d = tmp_path_factory.mktemp("runs") / "tiny"
-    assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={d}",
-                 "progress=false", f"hydra.run.dir={d}/logs"]) == 0
-    return d
-
-
 CHEAP = ["synthesis.steps=6", "synthesis.class_images.steps=6", "synthesis.dream.steps=2", "synthesis.dream.zoom_frames=2",
          "synthesis.dream.zoom_steps=2", "synthesis.batch_size=5", "data.limit=60", "device=cpu"]
 
