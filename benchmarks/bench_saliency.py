@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from probe.saliency.config import SaliencyConfig
+from probe.pipeline.saliency.config import SaliencyConfig
 from probe.saliency.methods import MethodSettings, attribute
 from probe.saliency.prepare import attribution_copy
 

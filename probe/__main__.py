@@ -1,6 +1,6 @@
 """``python -m probe <stage> [overrides]``: the same as the ``probe`` command."""
 
-from probe.cli import entry
+from probe.pipeline.cli import entry
 
 if __name__ == "__main__":
     entry()

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from probe.config import DataConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from probe.pipeline.config import DataConfig
 from probe.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

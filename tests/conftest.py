@@ -34,7 +34,7 @@ CHEAP = {
 
 def make_run(run_dir, *train_overrides, stages=tuple(CHEAP)):
     """Train a tiny model into ``run_dir`` and run the given analysis stages on it, cheaply."""
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     assert main(["train", *TINY_TRAIN, *train_overrides, f"run_dir={run_dir}"]) == 0
     for stage in stages:
@@ -52,7 +52,7 @@ def complete_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny_cnn trained one epoch, one per test module (the stages under test write into it)."""
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     d = tmp_path_factory.mktemp("runs") / "tiny"
     assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={d}",

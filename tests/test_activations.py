@@ -585,7 +585,7 @@ def test_rectified_response_of_torchvision_resnet18():
 
 def test_metrics_cover_only_layers_with_a_rectified_response(setup):
     """metrics.json: dead units per rectified layer by brute force, pooled over those layers only."""
-    from probe.activations.stage import metrics
+    from probe.pipeline.activations.stage import metrics
     from probe.uncertainty import proportion_interval
 
     model, x, y, acts = setup
@@ -618,7 +618,7 @@ def test_metrics_cover_only_layers_with_a_rectified_response(setup):
 
 
 def test_cli_end_to_end_and_bad_layer(tmp_path):
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     run_dir = tmp_path / "tiny"
     assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={run_dir}",

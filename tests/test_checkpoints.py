@@ -9,7 +9,7 @@ import torch
 from probe.errors import WeightsError
 from probe.models import build
 from probe.models.weights import read_state_dict
-from probe.rundir import save_weights
+from probe.pipeline.rundir import save_weights
 
 
 def test_checkpoint_round_trips_to_identical_outputs(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from probe.cli import main
+from probe.pipeline.cli import main
 
 
 @pytest.mark.parametrize(

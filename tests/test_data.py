@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from probe.config import DataConfig
+from probe.pipeline.config import DataConfig
 from probe.data import load_data, probe_indices, split_indices
 from probe.errors import DataError
 

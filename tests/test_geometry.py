@@ -174,7 +174,7 @@ def test_invariance_of_circular_conv_and_global_pooling():
 
 @pytest.mark.slow
 def test_cli_end_to_end_writes_every_file(tmp_path):
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     run = tmp_path / "run"
     assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", "train.snapshot_epochs=[0,1]",
@@ -198,9 +198,9 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     inv = pd.read_parquet(out / "invariance.parquet")
     assert set(inv["transform"]) == {"shift", "rotate", "scale"}
     # the stage's survival agrees with a direct forward pass on the same probe images
-    from probe.analysis import open_run
-    from probe.config import AnalysisData
-    from probe.geometry.config import GeometryStage
+    from probe.pipeline.analysis import open_run
+    from probe.pipeline.config import AnalysisData
+    from probe.pipeline.geometry.config import GeometryStage
     from probe.geometry.transforms import shift as move
 
     ctx = open_run(GeometryStage(run=str(run), data=AnalysisData(probe_per_class=2)))
@@ -253,7 +253,7 @@ def test_snapshot_synthetic_images_activate_their_channel(tmp_path):
     import pandas as pd
     import torch
 
-    from probe.cli import main
+    from probe.pipeline.cli import main
     from probe.models import build
 
     run = tmp_path / "run"
@@ -293,7 +293,7 @@ def test_lenet5_equivariance_is_named_by_the_layer_it_was_measured_on():
     (recomputed here with hooks and torch.roll, per layer); conv3 is there, says it cannot be measured, and
     carries no number: a "last conv" entry silently holding conv2's error cannot happen."""
     from probe.capture import default_layers
-    from probe.geometry.stage import equivariance_headline, shift_tables, survival_headline
+    from probe.pipeline.geometry.stage import equivariance_headline, shift_tables, survival_headline
     from probe.models import build
 
     torch.manual_seed(0)

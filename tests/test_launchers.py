@@ -18,12 +18,12 @@ PROBE = str(Path(sys.executable).parent / "probe")
 def _compose(overrides):
     from hydra import compose, initialize_config_module
 
-    from probe.cli import _register_model_options
-    from probe.config import TrainStage, register_schemas
+    from probe.pipeline.cli import _register_model_options, register_schemas
+    from probe.pipeline.config import TrainStage
 
     register_schemas({"train": TrainStage})
     _register_model_options()
-    with initialize_config_module("probe.conf", version_base="1.3"):
+    with initialize_config_module("probe.pipeline.conf", version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
 
 

@@ -20,16 +20,16 @@ import pytest
 import torch
 from PIL import Image
 
-from probe.cli import main
+from probe.pipeline.cli import main
 from probe.errors import RunDirError
-from probe.rundir import read_card
+from probe.pipeline.rundir import read_card
 
 from conftest import CHEAP, TINY_TRAIN, make_run
 
 ANALYSES = ("activations", "saliency", "synthesize", "geometry")
 OUTPUT = {"activations": "activations", "saliency": "saliency", "synthesize": "synthesis", "geometry": "geometry"}
 TRAINED_FILES = ("card.json", "config.yaml", "metrics.json", "model.safetensors", "train_log.csv")
-PLAIN = "import sys; from probe.cli import main; sys.exit(main(sys.argv[1:]))"
+PLAIN = "import sys; from probe.pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_a_truncated_safetensors_in_a_run_dir_is_named(trained, tmp_path, capsys
 
 def test_weights_of_other_shapes_name_the_first_mismatching_tensor(trained, tmp_path, capsys, monkeypatch):
     from probe.models import build
-    from probe.rundir import save_weights
+    from probe.pipeline.rundir import save_weights
 
     monkeypatch.chdir(tmp_path)
     run = copy_run(trained, tmp_path / "run", with_outputs=False)
@@ -241,7 +241,7 @@ def test_an_image_folder_reports_every_bad_entry_by_path(tmp_path, capsys, monke
 
 
 def test_greyscale_in_rgb_folder_is_converted_and_counted_and_sizes_are_unified(tmp_path, caplog):
-    from probe.config import DataConfig
+    from probe.pipeline.config import DataConfig
     from probe.data import load_data
 
     grey = [_img(30 * i, "L", (9 + i, 14)) for i in range(3)]
@@ -319,7 +319,7 @@ def test_nan_in_synthesis_is_located_and_the_previous_output_survives(complete_r
 # rename: the worst moment to die. Stage modules import staged_dir by name, so patch it first.
 SLOW_STAGED_DIR = textwrap.dedent("""
     import contextlib, sys, time
-    import probe.rundir as rd
+    import probe.pipeline.rundir as rd
     real = rd.staged_dir
     @contextlib.contextmanager
     def slow(final):
@@ -328,7 +328,7 @@ SLOW_STAGED_DIR = textwrap.dedent("""
             (tmp / ".written").write_text("")
             time.sleep(60)
     rd.staged_dir = slow
-    from probe.cli import main
+    from probe.pipeline.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
 
@@ -431,7 +431,7 @@ def test_sigkill_mid_training_leaves_no_card_and_resume_gives_the_uninterrupted_
 
 
 def test_an_interrupted_swap_restores_the_previous_output(tmp_path):
-    from probe.rundir import staged_dir
+    from probe.pipeline.rundir import staged_dir
 
     final = tmp_path / "activations"
     with staged_dir(final) as tmp:
@@ -490,9 +490,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     from torch.utils.data import Dataset
-    import probe.activations.stage as st
-    from probe.activations.config import ActivationsStage
-    from probe.config import AnalysisData
+    import probe.pipeline.activations.stage as st
+    from probe.pipeline.activations.config import ActivationsStage
+    from probe.pipeline.config import AnalysisData
 
     def status_mb(key):
         for line in open("/proc/self/status"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from probe.cli import main
+from probe.pipeline.cli import main
 
 SECTIONS = ["overview", "architecture", "filters", "feature-maps", "distributions", "saliency", "synthesis", "geometry"]
 
@@ -154,9 +154,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from probe.report import claims as C  # noqa: E402
-from probe.report import ranking, sections  # noqa: E402
-from probe.report.collect import headline, load_runs, seed_groups  # noqa: E402
+from probe.pipeline.report import claims as C  # noqa: E402
+from probe.pipeline.report import ranking, sections  # noqa: E402
+from probe.pipeline.report.collect import headline, load_runs, seed_groups  # noqa: E402
 from probe.uncertainty import Comparison, paired_comparison, proportion_interval  # noqa: E402
 
 LAYERS = [{"name": "conv1", "type": "Conv2d", "output_shape": [4, 8, 8], "params": 40},
@@ -379,7 +379,7 @@ def test_missing_stage_hints_paste_back_to_the_same_run_dir(path):
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from probe.report.collect import stage_command
+    from probe.pipeline.report.collect import stage_command
 
     argv = shlex.split(stage_command("geometry", Path(path)))
     assert argv[:2] == ["probe", "geometry"]
@@ -391,7 +391,7 @@ def test_missing_stage_hints_paste_back_to_the_same_run_dir(path):
 def test_a_pasted_hint_runs_on_a_sweep_style_run_dir(complete_runs, tmp_path):
     import shlex
 
-    from probe.report.collect import stage_command
+    from probe.pipeline.report.collect import stage_command
 
     run = tmp_path / "sweep" / "model=tiny_cnn,seed=0"
     shutil.copytree(complete_runs[0], run, ignore=shutil.ignore_patterns("geometry"))

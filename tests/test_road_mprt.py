@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from probe.errors import ConfigError
-from probe.saliency.config import SaliencyConfig
+from probe.pipeline.saliency.config import SaliencyConfig
 from probe.saliency.mprt import efficient_mprt, explanation_complexity, fully_randomised, mprt_summary, mprt_table
 from probe.saliency.road import (NEIGHBOUR_WEIGHTS, noisy_linear_imputation, removal_masks, removal_order, road_auc,
                                  road_curves, road_summary, road_table)
@@ -321,8 +321,8 @@ def test_summary_ignores_predicted_rows(lerf_morf_frame):
 def run_stage(src, dst, **kw):
     import shutil
 
-    from probe.saliency.config import SaliencyStage
-    from probe.saliency.stage import run
+    from probe.pipeline.saliency.config import SaliencyStage
+    from probe.pipeline.saliency.stage import run
 
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("saliency", "logs"))
     cfg = SaliencyConfig(methods=["saliency", "grad_cam"], ig_steps=4, smoothgrad_samples=2, auc_steps=4,

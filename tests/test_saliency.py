@@ -19,7 +19,7 @@ from scipy import stats
 from probe.errors import ConfigError, NumericalError
 from probe.saliency import methods as sal_methods
 from probe.saliency.batching import map_batches
-from probe.saliency.config import SaliencyConfig
+from probe.pipeline.saliency.config import SaliencyConfig
 from probe.saliency.faithfulness import (attribution_order, auc, deletion_insertion_auc, perturbation_curves,
                                          random_order, random_order_aucs, random_orders)
 from probe.saliency.methods import MethodSettings, attribute, occlusion_geometry, reduce_channels
@@ -580,7 +580,7 @@ class LinearEvidence(nn.Module):
 
 def comparison_summary(model, x, t, maps, seed, orders=32, steps=8):
     """The stage's own path: faithfulness_table then summary (Holm over the methods x {deletion, insertion})."""
-    from probe.saliency.stage import Items, faithfulness_table, summary
+    from probe.pipeline.saliency.stage import Items, faithfulness_table, summary
 
     n = len(x)
     items = Items(x, t, ["true"] * n, torch.arange(n), t.clone(), t.clone())
@@ -791,15 +791,15 @@ CHEAP = ["saliency.ig_steps=8", "saliency.smoothgrad_samples=4", "saliency.auc_s
 
 
 def stage_cfg(run, **kw):
-    from probe.saliency.config import SaliencyStage
+    from probe.pipeline.saliency.config import SaliencyStage
 
     return SaliencyStage(run=str(run), device="cpu",
                          saliency=SaliencyConfig(ig_steps=8, smoothgrad_samples=4, auc_steps=8, overlays=False, **kw))
 
 
 def test_cli_end_to_end_writes_every_file(tiny_run):
-    from probe.cli import main
-    from probe.saliency.config import METHODS
+    from probe.pipeline.cli import main
+    from probe.pipeline.saliency.config import METHODS
 
     assert main(["saliency", f"run={tiny_run}", "device=cpu", "data.probe_per_class=1"] + CHEAP[:-1]) == 0
     out = tiny_run / "saliency"
@@ -863,7 +863,7 @@ def test_cli_end_to_end_writes_every_file(tiny_run):
 
 
 def test_bad_method_exits_2(tiny_run, capsys):
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     assert main(["saliency", f"run={tiny_run}", "saliency.methods=[saliency,grad_cm]"]) == 2
     err = capsys.readouterr().err
@@ -873,7 +873,7 @@ def test_bad_method_exits_2(tiny_run, capsys):
 def test_stage_is_deterministic(tiny_run, tmp_path):
     import shutil
 
-    from probe.saliency.stage import run
+    from probe.pipeline.saliency.stage import run
 
     copies = []
     for k in range(2):
@@ -889,7 +889,7 @@ def test_stage_is_deterministic(tiny_run, tmp_path):
 def test_nan_in_a_map_is_reported_and_nothing_written(tiny_run, tmp_path, monkeypatch):
     import shutil
 
-    from probe.saliency.stage import run
+    from probe.pipeline.saliency.stage import run
 
     d = tmp_path / "r"
     shutil.copytree(tiny_run, d, ignore=shutil.ignore_patterns("saliency", "logs"))

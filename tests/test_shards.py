@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from probe.activations.config import parse_shard
-from probe.activations.stage import shard_range
-from probe.cli import main
+from probe.pipeline.activations.config import parse_shard
+from probe.pipeline.activations.stage import shard_range
+from probe.pipeline.cli import main
 from probe.errors import ConfigError
 
 from conftest import TINY_TRAIN
@@ -85,10 +85,10 @@ def test_brute_force_exemplars(runs):
     """The merged top-1 exemplar of a channel is the image with the highest spatial mean (brute force)."""
     import torch
 
-    from probe.analysis import open_run
-    from probe.activations.config import ActivationsStage
+    from probe.pipeline.analysis import open_run
+    from probe.pipeline.activations.config import ActivationsStage
     from probe.capture import Capture
-    from probe.config import AnalysisData
+    from probe.pipeline.config import AnalysisData
 
     single, merged = runs
     ctx = open_run(ActivationsStage(run=str(merged.parent), data=AnalysisData(limit=100)))

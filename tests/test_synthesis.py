@@ -364,8 +364,8 @@ def test_margins_at_the_mean_and_at_the_peak_of_a_template_filter_in_closed_form
 
     from torch.utils.data import TensorDataset
 
-    from probe.synthesis.config import ParamConfig, SynthesisConfig, TransformConfig
-    from probe.synthesis.stage import _attach_dataset_best, metrics_table, render_channels, summary_metrics
+    from probe.pipeline.synthesis.config import ParamConfig, SynthesisConfig, TransformConfig
+    from probe.pipeline.synthesis.stage import _attach_dataset_best, metrics_table, render_channels, summary_metrics
 
     T = np.random.default_rng(3).normal(size=(11, 11))  # no pixel weight of C is 0: the optimum is unique
     conv = nn.Conv2d(1, 2, 11)
@@ -474,9 +474,9 @@ CHEAP = ["synthesis.steps=6", "synthesis.class_images.steps=6", "synthesis.dream
 def brute_force_best(run_dir, layers, limit):
     """Per layer, over the first ``limit`` test images one at a time: the largest channel spatial mean and
     the largest value at any position."""
-    from probe.analysis import data_config
+    from probe.pipeline.analysis import data_config
     from probe.data import load_data
-    from probe.rundir import load_run
+    from probe.pipeline.rundir import load_run
 
     run = load_run(run_dir)
     data = load_data(data_config(run.card), run.card["model"]["in_channels"])
@@ -506,7 +506,7 @@ def wilson(k, n, z=1.959963984540054):
 
 
 def test_cli_end_to_end(tiny_run, tmp_path):
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     assert main(["synthesize", f"run={tiny_run}", f"hydra.run.dir={tmp_path}/logs"] + CHEAP) == 0
     out = tiny_run / "synthesis"
@@ -577,7 +577,7 @@ def test_cli_end_to_end(tiny_run, tmp_path):
 
 
 def test_stage_uses_the_activations_stage_when_present_and_is_deterministic(tiny_run, tmp_path):
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     ex = pd.DataFrame({"layer": ["conv1"] * 8, "channel": [0, 1, 2, 3] * 2, "rank": [0] * 4 + [1] * 4,
                        "index": range(8), "value": [100.0, -100.0, 0.5, 0.25, 1, 1, 1, 1], "max_value": 0.0,
@@ -619,14 +619,14 @@ def test_stage_uses_the_activations_stage_when_present_and_is_deterministic(tiny
 @pytest.mark.parametrize("override", ["synthesis.channels=-1", "synthesis.layers=[conv9]", "synthesis.param.kind=wavelet",
                                       "synthesis.channels=[0,99]", "synthesis.transforms.scale=[1.2,0.8]"])
 def test_bad_config_exits_2(tiny_run, tmp_path, override):
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     assert main(["synthesize", f"run={tiny_run}", f"hydra.run.dir={tmp_path}/logs", override] + CHEAP) == 2
 
 
 def test_default_layers_are_every_conv_or_a_few_for_big_models():
     from probe.models import build
-    from probe.synthesis.stage import default_layers
+    from probe.pipeline.synthesis.stage import default_layers
 
     assert default_layers(build("lenet5")) == ["conv1", "conv2", "conv3"]
     big = default_layers(build("resnet50"))
@@ -640,7 +640,7 @@ def test_trained_lenet5_reaches_the_targets(tmp_path):
     mean (the objective); conv3's map is 1x1, so there the peak is the mean. Class images maximise the logit,
     which does not maximise the probability (rival logits may rise too; measured: mean 0.98, min 0.82 at 96
     steps, lower with more steps): every image is predicted as its class, the mean probability >= 0.9."""
-    from probe.cli import main
+    from probe.pipeline.cli import main
 
     run = tmp_path / "lenet5"
     assert main(["train", "model=lenet5", f"run_dir={run}", "progress=false", f"hydra.run.dir={run}/logs"]) == 0

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import probe.train as train_mod
-from probe.cli import main
-from probe.config import DataConfig, ModelConfig, TrainConfig, TrainStage
+import probe.pipeline.train as train_mod
+from probe.pipeline.cli import main
+from probe.pipeline.config import DataConfig, ModelConfig, TrainConfig, TrainStage
 from probe.errors import NumericalError
-from probe.rundir import load_run, read_card
+from probe.pipeline.rundir import load_run, read_card
 
 TINY = ["model=tiny_cnn", "data.image_size=16", "train.epochs=2", "progress=false"]
 
@@ -39,7 +39,7 @@ def test_train_cli_writes_a_complete_run_dir(tmp_path):
 def test_test_accuracy_is_that_of_the_saved_model(tmp_path):
     run_dir = train_mod.train(_cfg(tmp_path / "run"))
     run = load_run(run_dir)
-    from probe.analysis import data_config
+    from probe.pipeline.analysis import data_config
     from probe.data import load_data
 
     data = load_data(data_config(run.card), 1)

@@ -1,8 +1,8 @@
 """Activations: filters, feature maps, streaming population statistics and dataset exemplars.
 
 Public surface: :class:`LogGrid` (the fixed histogram grid), :class:`LayerStats` /
-:class:`PopulationStats` (mergeable streaming statistics), :class:`TopK` (streaming exemplars),
-:func:`collect` (one forward pass per batch feeds all of them) and the stage entry :func:`run`.
+:class:`PopulationStats` (mergeable streaming statistics), :class:`TopK` (streaming exemplars) and
+:func:`collect` (one forward pass per batch feeds all of them).
 """
 
 from probe.activations.exemplars import TopK
@@ -10,10 +10,4 @@ from probe.activations.grid import LogGrid
 from probe.activations.population import collect
 from probe.activations.stats import LayerStats, PopulationStats
 
-__all__ = ["LayerStats", "LogGrid", "PopulationStats", "TopK", "collect", "run"]
-
-
-def run(cfg):
-    from probe.activations.stage import run as _run
-
-    return _run(cfg)
+__all__ = ["LayerStats", "LogGrid", "PopulationStats", "TopK", "collect"]

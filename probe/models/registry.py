@@ -50,7 +50,7 @@ def list_models(filter: str = "") -> list[str]:
 
 
 def spec(name: str) -> ModelSpec:
-    from probe.config import check_choice
+    from probe.errors import check_choice
 
     if name in _REGISTRY:
         return _REGISTRY[name]

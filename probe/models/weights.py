@@ -91,7 +91,7 @@ def torchvision_weights(model_name: str, weights: str):
     """The torchvision ``WeightsEnum`` member for ``weights`` ("DEFAULT", "IMAGENET1K_V1", or a full name)."""
     import torchvision
 
-    from probe.config import check_choice
+    from probe.errors import check_choice
     from probe.errors import ConfigError
 
     enum = torchvision.models.get_model_weights(model_name)

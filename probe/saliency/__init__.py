@@ -1,5 +1,5 @@
-"""Saliency: Captum attribution maps of the probe images, their faithfulness and sanity checks."""
+"""Saliency: Captum attribution maps, their faithfulness (deletion, insertion, ROAD) and sanity checks (MPRT)."""
 
-from probe.saliency.config import METHODS, SaliencyConfig, SaliencyStage
+from probe.saliency.methods import METHODS
 
-__all__ = ["METHODS", "SaliencyConfig", "SaliencyStage"]
+__all__ = ["METHODS"]

@@ -1,4 +1,4 @@
-"""Writing the stage's heat-map overlays (arrays go through :func:`probe.rundir.write_npz`)."""
+"""Writing the stage's heat-map overlays (arrays go through :func:`probe.files.write_npz`)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from probe.rundir import write_bytes
+from probe.files import write_bytes
 
 
 def grid_png(path: Path, images: np.ndarray, cols: int | None = None, min_tile: int = 64, gap: int = 2) -> None:

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from probe.config import AnalysisStage, check_range
+from probe.pipeline.config import AnalysisStage, check_range
 from probe.errors import ConfigError
 
 SHARD_FORM = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from probe.config import check_choice
+from probe.pipeline.config import check_choice
 from probe.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def needed_file(model: str, weights: str) -> tuple[Path, str | None]:
 def run(cfg: WeightsStage) -> dict:
     import torch
 
-    from probe.rundir import write_json
+    from probe.files import write_json
 
     found, missing = {}, []
     for m in cfg.models:

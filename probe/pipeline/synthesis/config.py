@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from probe.config import AnalysisStage, check_choice, check_range
+from probe.pipeline.config import AnalysisStage, check_choice, check_range
 from probe.errors import ConfigError
 
 

@@ -11,7 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from probe.config import closest, register_schemas, to_object
+from probe.errors import closest
+from probe.pipeline.config import to_object
 from probe.errors import ProbeError
 
 log = logging.getLogger("probe")
@@ -29,17 +30,26 @@ def summary(cfg) -> None:
     print(format_table(layer_table(model, s.channels, size), model))
 
 
+def register_schemas(stages: dict[str, type]) -> None:
+    """Store each stage's dataclass as ``<stage>_schema`` for its primary config's defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for stage, schema in stages.items():
+        cs.store(name=f"{stage}_schema", node=schema)
+
+
 # stage name -> (function "module:name", config dataclass "module:name")
 STAGES = {
-    "train": ("probe.train:train", "probe.config:TrainStage"),
-    "summary": ("probe.cli:summary", "probe.config:SummaryStage"),
-    "activations": ("probe.activations.stage:run", "probe.activations.config:ActivationsStage"),
-    "activations_merge": ("probe.activations.stage:merge", "probe.activations.config:ActivationsMergeStage"),
-    "synthesize": ("probe.synthesis.stage:run", "probe.synthesis.config:SynthesizeStage"),
-    "geometry": ("probe.geometry.stage:run", "probe.geometry.config:GeometryStage"),
-    "saliency": ("probe.saliency.stage:run", "probe.saliency.config:SaliencyStage"),
-    "report": ("probe.report.stage:run", "probe.report.config:ReportStage"),
-    "weights": ("probe.models.check:run", "probe.models.check:WeightsStage"),
+    "train": ("probe.pipeline.train:train", "probe.pipeline.config:TrainStage"),
+    "summary": ("probe.pipeline.cli:summary", "probe.pipeline.config:SummaryStage"),
+    "activations": ("probe.pipeline.activations.stage:run", "probe.pipeline.activations.config:ActivationsStage"),
+    "activations_merge": ("probe.pipeline.activations.stage:merge", "probe.pipeline.activations.config:ActivationsMergeStage"),
+    "synthesize": ("probe.pipeline.synthesis.stage:run", "probe.pipeline.synthesis.config:SynthesizeStage"),
+    "geometry": ("probe.pipeline.geometry.stage:run", "probe.pipeline.geometry.config:GeometryStage"),
+    "saliency": ("probe.pipeline.saliency.stage:run", "probe.pipeline.saliency.config:SaliencyStage"),
+    "report": ("probe.pipeline.report.stage:run", "probe.pipeline.report.config:ReportStage"),
+    "weights": ("probe.pipeline.weights:run", "probe.pipeline.weights:WeightsStage"),
 }
 
 
@@ -132,20 +142,20 @@ def _precheck(stage: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from probe.config import AnalysisStage
+    from probe.pipeline.config import AnalysisStage
 
-    with initialize_config_module(config_module="probe.conf", version_base="1.3"):
+    with initialize_config_module(config_module="probe.pipeline.conf", version_base="1.3"):
         cfg = compose(config_name=stage, overrides=overrides)
     if "run_dir" in cfg and OmegaConf.is_interpolation(cfg, "run_dir"):
         cfg.run_dir = "."  # ${hydra:runtime.output_dir}: only known once Hydra runs the job
     obj = to_object(cfg)
-    from probe.rundir import read_card
+    from probe.pipeline.rundir import read_card
 
     if isinstance(obj, AnalysisStage):
         card = read_card(obj.run)
         _check_layers(stage, obj, card)
     elif stage == "report":
-        from probe.report.collect import find_run_dirs
+        from probe.pipeline.report.collect import find_run_dirs
 
         for path in find_run_dirs(obj.runs, obj.sweep):
             read_card(path)

@@ -6,36 +6,12 @@ are checked in ``__post_init__``, which runs when a stage calls :func:`to_object
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from probe.errors import ConfigError
-
-
-def closest(name: str, allowed) -> str:
-    """`` (did you mean 'x'?)`` for the closest allowed name, or an empty string."""
-    match = difflib.get_close_matches(str(name), [str(a) for a in allowed], n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def check_choice(key: str, value: Any, allowed) -> None:
-    allowed = list(allowed)
-    if value not in allowed:
-        shown = ", ".join(map(str, allowed[:12])) + (", ..." if len(allowed) > 12 else "")
-        raise ConfigError(f"{key}: '{value}' is not allowed{closest(value, allowed)}; allowed: {shown}")
-
-
-def check_range(key: str, value, low=None, high=None, low_open=False) -> None:
-    if value is None:
-        return
-    if low is not None and (value <= low if low_open else value < low):
-        raise ConfigError(f"{key}: {value} is out of range; must be {'>' if low_open else '>='} {low}")
-    if high is not None and value > high:
-        raise ConfigError(f"{key}: {value} is out of range; must be <= {high}")
+from probe.errors import ConfigError, check_choice, check_range, closest  # noqa: F401  (re-exported)
 
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")
@@ -155,13 +131,6 @@ class AnalysisStage:
     def __post_init__(self) -> None:
         check_range("seed", self.seed, 0)
         check_choice("device", self.device, DEVICES)
-
-
-def register_schemas(stages: dict[str, type]) -> None:
-    """Store each stage's dataclass as ``<stage>_schema`` for its primary config's defaults list."""
-    cs = ConfigStore.instance()
-    for stage, schema in stages.items():
-        cs.store(name=f"{stage}_schema", node=schema)
 
 
 def to_object(cfg: DictConfig):

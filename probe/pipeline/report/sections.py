@@ -13,12 +13,12 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-from probe.report import ranking
-from probe.report.claims import (MINUS, claim, counts, estimates, fmt_comparison, fmt_estimate, is_comparison,
+from probe.pipeline.report import ranking
+from probe.pipeline.report.claims import (MINUS, claim, counts, estimates, fmt_comparison, fmt_estimate, is_comparison,
                                  is_estimate, num, verdict)
-from probe.report.collect import RUNTIME_KEYS, SEED_KEYS, RunData, differing_keys, seed_groups, stage_command
-from probe.report.collect import headline as collect_headline
-from probe.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
+from probe.pipeline.report.collect import RUNTIME_KEYS, SEED_KEYS, RunData, differing_keys, seed_groups, stage_command
+from probe.pipeline.report.collect import headline as collect_headline
+from probe.pipeline.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
 from probe.uncertainty import adjust, mean_interval, paired_comparison, proportion_interval, proportions_comparison
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from probe.report import sections
-from probe.report.claims import FILTERS
-from probe.report.collect import differing_keys, find_run_dirs, load_runs
-from probe.report.config import ReportStage
-from probe.report.figures import palette
-from probe.rundir import staged_dir, write_bytes, write_json
+from probe.pipeline.report import sections
+from probe.pipeline.report.claims import FILTERS
+from probe.pipeline.report.collect import differing_keys, find_run_dirs, load_runs
+from probe.pipeline.report.config import ReportStage
+from probe.pipeline.report.figures import palette
+from probe.pipeline.rundir import staged_dir
+from probe.files import write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def render(cfg: ReportStage) -> tuple[str, dict]:
         sections.sweeps(runs, colours),
     ]
     parts = [p for p in parts if p is not None]
-    env = Environment(loader=PackageLoader("probe.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
+    env = Environment(loader=PackageLoader("probe.pipeline.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
                       trim_blocks=True, lstrip_blocks=True)
     env.filters.update(FILTERS)
     html = env.get_template("report.html.j2").render(name=cfg.name, runs=[r.label for r in runs], sections=parts)

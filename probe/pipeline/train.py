@@ -16,13 +16,14 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from probe.config import TrainStage
+from probe.pipeline.config import TrainStage
 from probe.data import DataBundle, load_data
 from probe.errors import ConfigError, NumericalError
 from probe.models import build, spec
 from probe.models.summary import layer_table
 from probe.models.weights import load_into, read_state_dict
-from probe.rundir import CARD_VERSION, git_commit, library_versions, remove_analyses, save_weights, write_bytes, write_json
+from probe.pipeline.rundir import CARD_VERSION, git_commit, library_versions, remove_analyses, save_weights
+from probe.files import write_bytes, write_json
 from probe.runtime import autocast, fast_model, pick_device, pin_memory, seed_everything, to_device_batch
 
 log = logging.getLogger(__name__)

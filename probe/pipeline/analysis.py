@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from probe.config import AnalysisStage, DataConfig
+from probe.pipeline.config import AnalysisStage, DataConfig
 from probe.data import DataBundle, dataset_labels, load_data, probe_indices
-from probe.rundir import Run, load_run
+from probe.pipeline.rundir import Run, load_run
 from probe.runtime import pick_device, seed_everything
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from probe.errors import RunDirError
-from probe.rundir import read_card
+from probe.pipeline.rundir import read_card
 
 # stage folder -> the command that writes it (see stage_command)
 STAGE_COMMANDS = {
@@ -157,7 +157,7 @@ def seed_groups(runs: list[RunData]) -> list[list[RunData]]:
 def headline(run: RunData) -> dict[str, float]:
     """Every numeric leaf of every stage's metrics.json as ``stage.path.to.key``; a Comparison or Estimate
     counts as its main number (effect or value), its bounds and p-values are not headline numbers."""
-    from probe.report.claims import is_comparison, is_estimate, main_number
+    from probe.pipeline.report.claims import is_comparison, is_estimate, main_number
 
     out: dict[str, float] = {}
 

@@ -8,7 +8,6 @@ has finished, so an interrupted stage leaves the previous complete output or non
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -16,11 +15,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch.nn as nn
 from safetensors.torch import save_file
 
@@ -31,41 +28,6 @@ CARD_VERSION = 1
 SHARDS_DIR = "activations_shards"  # partial statistics of `probe activations shard=i/n`
 ANALYSES = ("activations", SHARDS_DIR, "saliency", "synthesis", "geometry")
 CARD_KEYS = ("card_version", "run_name", "model", "data", "params_total", "layers", "metrics", "seed")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically, with sorted keys so that equal content gives equal bytes."""
-    write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Like ``np.savez_compressed`` but with fixed zip timestamps and sorted keys: same arrays, same bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for key in sorted(arrays):
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            arr = io.BytesIO()
-            np.lib.format.write_array(arr, np.ascontiguousarray(arrays[key]), allow_pickle=False)
-            zf.writestr(info, arr.getvalue())
-    write_bytes(Path(path), buf.getvalue())
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

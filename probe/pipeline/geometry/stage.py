@@ -10,17 +10,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from probe.analysis import open_run
+from probe.pipeline.analysis import open_run
 from probe.capture import resolve_layers
 from probe.geometry import figures
-from probe.geometry.config import GeometryStage
+from probe.pipeline.geometry.config import GeometryStage
 from probe.geometry.dynamics import dynamics_table, middle_conv, snapshot_images, snapshot_paths
 from probe.geometry import equivariance, invariance
 from probe.geometry.erf import erf_maps, erf_rms, erf_size
 from probe.geometry.fields import LayerField, layer_fields
 from probe.geometry.forward import layer_outputs, module_types
 from probe.geometry.invariance import Transform, transforms
-from probe.rundir import staged_dir, write_json, write_npz
+from probe.pipeline.rundir import staged_dir
+from probe.files import write_json, write_npz
 from probe.uncertainty import proportion_interval
 
 log = logging.getLogger(__name__)

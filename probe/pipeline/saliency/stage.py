@@ -42,11 +42,12 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from probe.analysis import open_run
+from probe.pipeline.analysis import open_run
 from probe.errors import NumericalError
-from probe.rundir import staged_dir, write_json, write_npz
+from probe.pipeline.rundir import staged_dir
+from probe.files import write_json, write_npz
 from probe.saliency.batching import map_batches
-from probe.saliency.config import SaliencyConfig, SaliencyStage
+from probe.pipeline.saliency.config import SaliencyConfig, SaliencyStage
 from probe.saliency.faithfulness import (attribution_order, deletion_insertion_auc, random_order_aucs, verdict,
                                          versus_random)
 from probe.saliency.methods import REDUCTION, MethodSettings, attribute, occlusion_geometry, reduce_channels

@@ -25,11 +25,12 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from probe.analysis import Context, open_run
+from probe.pipeline.analysis import Context, open_run
 from probe.capture import resolve_layers
-from probe.rundir import staged_dir, write_json, write_npz
+from probe.pipeline.rundir import staged_dir
+from probe.files import write_json, write_npz
 from probe.synthesis import objectives as O
-from probe.synthesis.config import SynthesisConfig, SynthesizeStage, select_indices
+from probe.pipeline.synthesis.config import SynthesisConfig, SynthesizeStage, select_indices
 from probe.synthesis.dream import deep_dream_octaves, zoom_frames
 from probe.synthesis.outputs import grid_png
 from probe.synthesis.param import ImageParam, color_sqrt_from_data

@@ -25,17 +25,18 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from probe.activations.config import ActivationsMergeStage, ActivationsStage, parse_shard
+from probe.pipeline.activations.config import ActivationsMergeStage, ActivationsStage, parse_shard
 from probe.activations.exemplars import TopK, crop_boxes, crop_images
 from probe.activations.grid import LogGrid
 from probe.activations.pictures import (kernel_arrays, save_crop_grid, save_feature_map_grid,
                                         save_kernel_grids)
 from probe.activations.population import collect
 from probe.activations.stats import LayerStats, PopulationStats, selectivity
-from probe.analysis import Context, open_run
+from probe.pipeline.analysis import Context, open_run
 from probe.capture import Capture, resolve_layers
 from probe.errors import RunDirError
-from probe.rundir import SHARDS_DIR, staged_dir, write_json, write_npz
+from probe.pipeline.rundir import SHARDS_DIR, staged_dir
+from probe.files import write_json, write_npz
 from probe.runtime import pin_memory
 from probe.uncertainty import proportion_interval
 

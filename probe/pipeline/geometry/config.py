@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from probe.config import AnalysisStage, check_choice, check_range
+from probe.pipeline.config import AnalysisStage, check_choice, check_range
 from probe.errors import ConfigError
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from probe.config import AnalysisStage, check_choice, check_range
+from probe.errors import check_choice, check_range
+from probe.pipeline.config import AnalysisStage
 from probe.errors import ConfigError
+from probe.saliency.methods import METHODS as LIBRARY_METHODS
 
-METHODS = ("saliency", "input_x_gradient", "smoothgrad", "integrated_gradients", "guided_backprop", "grad_cam",
-           "occlusion")
+METHODS = tuple(LIBRARY_METHODS)
 BASELINES = ("zeros", "blur", "mean")  # zeros: black pixels; mean: the dataset mean image (0 once normalised)
 DEFAULT_RANDOMISATION = ["saliency", "integrated_gradients", "grad_cam", "guided_backprop"]
 

@@ -4,7 +4,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from probe.config import check_range
+from probe.pipeline.config import check_range
 from probe.errors import ConfigError
 
 

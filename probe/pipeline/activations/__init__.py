@@ -1,0 +1,1 @@
+"""``probe activations``: the stage's config schema and its function."""

@@ -1,0 +1,1 @@
+"""``probe geometry``: the stage's config schema and its function."""

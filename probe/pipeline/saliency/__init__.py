@@ -1,0 +1,1 @@
+"""``probe saliency``: the stage's config schema and its function."""

@@ -1,0 +1,1 @@
+"""``probe synthesis``: the stage's config schema and its function."""
