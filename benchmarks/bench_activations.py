@@ -57,7 +57,7 @@ def plain_pass(model, data):
 
 
 def time_case(name: str, quick: bool) -> dict:
-    from probe.capture import default_layers
+    from probe.hooks import default_layers
 
     model_name, ch, size, batch, n, _ = CASES[name]
     n = n // 4 if quick else n
@@ -67,7 +67,7 @@ def time_case(name: str, quick: bool) -> dict:
     plain_pass(model, data[:1])
     stats_pass(model, data[:1], layers)
     stats_pass(model, data[:1], layers, rectified={})
-    rectified = sum(s.rectified is not None for s in stats_pass(model, data[:1], layers)[0].layers.values())
+    rectified = sum(s.rectified is not None for s in stats_pass(model, data[:1], layers).layers.values())
     plain, full, strided, norect = [], [], [], []
     for _ in range(3 if quick else 9):  # interleaved rounds: the machine's speed drifts between rounds
         t = time.perf_counter(); plain_pass(model, data); plain.append(time.perf_counter() - t)
@@ -90,7 +90,7 @@ def median_ratio(times: list[float], baseline: list[float]) -> float:
 def peak_rss_mb(name: str, n: int) -> float:
     """Max RSS of a fresh process that streams ``n`` images through the statistics pass."""
     code = ("import resource, sys, torch; sys.path.insert(0, %r); import bench_activations as b; "
-            "from probe.capture import default_layers; torch.set_num_threads(%d); "
+            "from probe.hooks import default_layers; torch.set_num_threads(%d); "
             "m, ch, s, bs, _, _ = b.CASES[%r]; model = b.build(m, ch); "
             "b.stats_pass(model, b.batches(%d, ch, s, bs), default_layers(model)); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (

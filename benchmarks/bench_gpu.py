@@ -55,7 +55,7 @@ def inference(dev: torch.device, z: dict) -> dict:
     import torchvision
 
     from probe.activations import collect
-    from probe.capture import default_layers
+    from probe.hooks import default_layers
     from probe.runtime import autocast, fast_model
 
     batch, n_batches, side = z["batch"], z["n_batches"], z["side"]

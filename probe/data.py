@@ -2,7 +2,9 @@
 FashionMNIST and CIFAR-10, and any folder of class subfolders.
 
 Every dataset yields ``(image, label)`` with ``image`` a float tensor ``(C, H, W)`` normalised with
-the recorded mean and std; :class:`DataBundle` carries the three splits and that recipe.
+the recorded mean and std; :class:`DataBundle` carries the three splits (and ``all``, every image in the
+dataset's own order) and that recipe. With a model's own class order (``classes``), the dataset's classes
+are matched to it by name: ``label`` is the index of the image's class among the model's classes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLITS = ("train", "val", "test", "all")
 
 
 @dataclass
@@ -34,7 +37,8 @@ class DataBundle:
     train: Dataset
     val: Dataset
     test: Dataset
-    classes: list[str]
+    all: Dataset  # every image (train, val and test together), in the dataset's own order
+    classes: list[str]  # label i is classes[i]
     channels: int
     image_size: int
     mean: list[float]
@@ -46,8 +50,8 @@ class DataBundle:
         return len(self.classes)
 
     def split(self, name: str) -> Dataset:
-        if name not in ("train", "val", "test"):
-            raise ConfigError(f"data.split: '{name}' is not allowed; allowed: train, val, test")
+        if name not in SPLITS:
+            raise ConfigError(f"data.split: '{name}' is not allowed; allowed: {', '.join(SPLITS)}")
         return getattr(self, name)
 
     def card(self) -> dict:
@@ -88,7 +92,25 @@ def convert_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise DataError(f"cannot convert {x.shape[1]} channels to {channels}")
 
 
-def _normalisation(cfg: DataConfig, train_pixels: torch.Tensor, channels: int) -> tuple[list[float], list[float]]:
+def class_labels(found: list[str], classes: list[str] | None, where: Path | str) -> tuple[list[str], list[int]]:
+    """The bundle's classes and the label of each of the dataset's ``found`` classes: with the model's own
+    ``classes``, each found class is matched to it by name (a class it lacks is a :class:`DataError`), else the
+    found ones in their order."""
+    if classes is None:
+        return list(found), list(range(len(found)))
+    for c in found:
+        if c not in classes:
+            raise DataError(f"{where}: class '{c}' is not one of the model's classes (model.classes); "
+                            f"allowed: {', '.join(classes)}")
+    return list(classes), [list(classes).index(c) for c in found]
+
+
+Norm = tuple[list[float], list[float]]  # per-channel mean and std
+
+
+def _normalisation(cfg: DataConfig, train_pixels: torch.Tensor, channels: int, given: Norm | None) -> Norm:
+    if given is not None:
+        return [float(v) for v in given[0]], [float(v) for v in given[1]]
     if cfg.normalize == "none":
         return [0.0] * channels, [1.0] * channels
     if cfg.normalize == "imagenet":
@@ -100,36 +122,38 @@ def _normalisation(cfg: DataConfig, train_pixels: torch.Tensor, channels: int) -
     return x.mean(dims).tolist(), x.std(dims).clamp_min(1e-6).tolist()
 
 
-def _tensor_bundle(cfg, images: torch.Tensor, labels: torch.Tensor, classes, channels, splits, notes) -> DataBundle:
+def _tensor_bundle(cfg, images: torch.Tensor, labels: torch.Tensor, classes, channels, splits, notes, given) -> DataBundle:
     """Images ``(N, C, H, W)`` in [0, 1] -> normalised in-memory splits."""
     images = convert_channels(images, channels)
-    mean, std = _normalisation(cfg, images[splits["train"]], channels)
+    mean, std = _normalisation(cfg, images[splits["train"]], channels, given)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     images = ((images - m) / s).float()
     parts = {k: TensorDataset(images[idx], labels[idx]) for k, idx in splits.items()}
-    return DataBundle(parts["train"], parts["val"], parts["test"], list(classes), channels, cfg.image_size,
-                      [float(v) for v in mean], [float(v) for v in std], notes)
+    return DataBundle(parts["train"], parts["val"], parts["test"], TensorDataset(images, labels), list(classes),
+                      channels, cfg.image_size, [float(v) for v in mean], [float(v) for v in std], notes)
 
 
-def load_digits(cfg: DataConfig, channels: int) -> DataBundle:
+def load_digits(cfg: DataConfig, channels: int, given: Norm | None = None, classes: list[str] | None = None) -> DataBundle:
     """scikit-learn's 1,797 bundled 8x8 digits, resized (bilinear) to ``image_size`` and scaled to [0, 1]."""
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False).clamp(0, 1)
-    y = torch.tensor(d.target, dtype=torch.long)
+    names, labels = class_labels([str(c) for c in range(10)], classes, "digits")
+    y = torch.tensor(labels, dtype=torch.long)[torch.tensor(d.target, dtype=torch.long)]
     splits = split_indices(len(y), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    return _tensor_bundle(cfg, x, y, [str(c) for c in range(10)], channels, splits, {"source": "sklearn.datasets.load_digits"})
+    return _tensor_bundle(cfg, x, y, names, channels, splits, {"source": "sklearn.datasets.load_digits"}, given)
 
 
 class _Transformed(Dataset):
     """A PIL-image dataset (or a subset of one) turned into normalised tensors of a fixed size."""
 
-    def __init__(self, base, indices, size: int, channels: int, mean, std):
+    def __init__(self, base, indices, size: int, channels: int, mean, std, labels: list[int] | None = None):
         self.base, self.indices = base, list(map(int, indices))
         self.size, self.channels = size, channels
+        self.labels = labels  # the base's label i is labels[i] (None: as it is)
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
 
@@ -143,19 +167,20 @@ class _Transformed(Dataset):
         img = img.convert("RGB" if self.channels == 3 else "L")
         x = pil_to_tensor(img).float().div(255)
         x = resize(x, [self.size, self.size], antialias=True)
-        return (x - self.mean) / self.std, label
+        return (x - self.mean) / self.std, label if self.labels is None else self.labels[label]
 
 
-def _pil_stats(base, indices, cfg, channels) -> tuple[list[float], list[float]]:
-    if cfg.normalize != "dataset":
-        return _normalisation(cfg, torch.zeros(1, channels, 1, 1), channels)
+def _pil_stats(base, indices, cfg, channels, given: Norm | None) -> Norm:
+    if given is not None or cfg.normalize != "dataset":
+        return _normalisation(cfg, torch.zeros(1, channels, 1, 1), channels, given)
     # mean/std from up to 2,000 training images is plenty and keeps start-up fast
     sample = _Transformed(base, indices[:2000], cfg.image_size, channels, [0.0] * channels, [1.0] * channels)
     x = torch.stack([sample[i][0] for i in range(len(sample))])
-    return _normalisation(cfg, x, channels)
+    return _normalisation(cfg, x, channels, None)
 
 
-def load_torchvision(cfg: DataConfig, channels: int) -> DataBundle:
+def load_torchvision(cfg: DataConfig, channels: int, given: Norm | None = None,
+                     classes: list[str] | None = None) -> DataBundle:
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[cfg.name]
@@ -172,23 +197,28 @@ def load_torchvision(cfg: DataConfig, channels: int) -> DataBundle:
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.split_seed))
     n_val = round(len(train) * frac)
     val_idx, train_idx = perm[:n_val], perm[n_val:]
-    mean, std = _pil_stats(train, train_idx, cfg, channels)
-    mk = lambda base, idx: _Transformed(base, idx, cfg.image_size, channels, mean, std)  # noqa: E731
-    return DataBundle(mk(train, train_idx), mk(train, val_idx), mk(test, range(len(test))), list(train.classes),
+    mean, std = _pil_stats(train, train_idx, cfg, channels, given)
+    names, labels = class_labels(list(train.classes), classes, cfg.name)
+    mk = lambda base, idx: _Transformed(base, idx, cfg.image_size, channels, mean, std, labels)  # noqa: E731
+    every = ConcatDataset([mk(train, range(len(train))), mk(test, range(len(test)))])
+    return DataBundle(mk(train, train_idx), mk(train, val_idx), mk(test, range(len(test))), every, names,
                       channels, cfg.image_size, mean, std, {"source": f"torchvision.datasets.{cls.__name__}"})
 
 
-def scan_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str], dict]:
-    """Check every file of an image folder; raise :class:`DataError` listing every bad path."""
+def scan_image_folder(root: Path, classes: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str], dict]:
+    """Check every file of an image folder; raise :class:`DataError` listing every bad path. Returns the
+    samples (path, label), the classes (the model's ``classes`` when given, each folder matched to one by
+    name; else the sorted folder names) and the count of each image mode."""
     from PIL import Image, UnidentifiedImageError
 
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found (data.root)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
         raise DataError(f"{root}: no class subfolders (expected {root}/<class>/<image files>)")
+    classes, labels = class_labels(folders, classes, root)
     samples, problems, modes = [], [], {}
-    for label, c in enumerate(classes):
+    for label, c in zip(labels, folders):
         files = sorted(p for p in (root / c).rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             problems.append(f"{root / c}: empty class folder")
@@ -225,30 +255,35 @@ class _ImageFiles(Dataset):
             return im.copy(), label
 
 
-def load_image_folder(cfg: DataConfig, channels: int) -> DataBundle:
+def load_image_folder(cfg: DataConfig, channels: int, given: Norm | None = None,
+                      classes: list[str] | None = None) -> DataBundle:
     root = Path(cfg.root)
-    samples, classes, modes = scan_image_folder(root)
+    samples, classes, modes = scan_image_folder(root, classes)
     want = "RGB" if channels == 3 else "L"
     converted = sum(n for m, n in modes.items() if m != want)
     if converted:
         log.info("%s: %d of %d images converted to %s (modes found: %s)", root, converted, len(samples), want, modes)
     base = _ImageFiles(samples)
     splits = split_indices(len(samples), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-    mean, std = _pil_stats(base, splits["train"], cfg, channels)
+    mean, std = _pil_stats(base, splits["train"], cfg, channels, given)
     mk = lambda idx: _Transformed(base, idx, cfg.image_size, channels, mean, std)  # noqa: E731
     notes = {"source": str(root), "converted_to_" + want: converted}
-    return DataBundle(mk(splits["train"]), mk(splits["val"]), mk(splits["test"]), classes, channels,
-                      cfg.image_size, mean, std, notes)
+    return DataBundle(mk(splits["train"]), mk(splits["val"]), mk(splits["test"]), mk(range(len(samples))), classes,
+                      channels, cfg.image_size, mean, std, notes)
 
 
-def load_data(cfg: DataConfig, channels: int) -> DataBundle:
-    """The dataset named by ``cfg`` with images of ``channels`` channels."""
+def load_data(cfg: DataConfig, channels: int, *, mean: list[float] | None = None, std: list[float] | None = None,
+              classes: list[str] | None = None) -> DataBundle:
+    """The dataset named by ``cfg`` with images of ``channels`` channels (``cfg.channels`` wins when set),
+    resized to ``cfg.image_size``. ``mean``/``std`` (per channel): normalise with these instead of
+    ``cfg.normalize``. ``classes``: the model's own class order (see :func:`class_labels`)."""
     channels = cfg.channels or channels
+    given = None if mean is None else (list(mean), list(std))
     if cfg.name == "digits":
-        return load_digits(cfg, channels)
+        return load_digits(cfg, channels, given, classes)
     if cfg.name == "imagefolder":
-        return load_image_folder(cfg, channels)
-    return load_torchvision(cfg, channels)
+        return load_image_folder(cfg, channels, given, classes)
+    return load_torchvision(cfg, channels, given, classes)
 
 
 def probe_indices(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -268,12 +303,14 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
     if isinstance(ds, _Transformed):
         base = ds.base
         if hasattr(base, "targets"):
-            t = np.asarray(base.targets)
-            return t[ds.indices]
+            t = np.asarray(base.targets)[ds.indices]
+            return t if ds.labels is None else np.asarray(ds.labels)[t]
         if isinstance(base, _ImageFiles):
             return np.asarray([base.samples[i][1] for i in ds.indices])
     if isinstance(ds, Subset):
         return dataset_labels(ds.dataset)[np.asarray(ds.indices)]
+    if isinstance(ds, ConcatDataset):
+        return np.concatenate([dataset_labels(d) for d in ds.datasets])
     return np.asarray([ds[i][1] for i in range(len(ds))])
 
 

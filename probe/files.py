@@ -1,4 +1,8 @@
-"""Atomic, deterministic file writes: a file appears complete or not at all, and equal content gives equal bytes."""
+"""Atomic, deterministic file writes: a file appears complete or not at all, and equal content gives equal bytes.
+
+Files and folders get the modes the user's umask gives ordinary ones (``open``/``mkdir``), not the 0o600/0o700
+of the temporary files they are staged in.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,23 @@ from pathlib import Path
 import numpy as np
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the umask (temp files start at 0o600)."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir()`` would give a new folder: 0o777 less the umask (temp folders start at 0o700)."""
+    return 0o777 & ~_umask()
+
+
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically, with sorted keys so that equal content gives equal bytes."""
     write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
@@ -22,7 +43,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -28,7 +28,7 @@ CHEAP = {
     "saliency": ["data.probe_per_class=1", "saliency.ig_steps=4", "saliency.smoothgrad_samples=2", "saliency.auc_steps=4"],
     "synthesize": ["synthesis.steps=4", "synthesis.class_images.steps=4", "synthesis.dream.steps=2",
                    "synthesis.dream.zoom_frames=2", "synthesis.dream.zoom_steps=2"],
-    "geometry": ["data.probe_per_class=1", "erf.noise_images=2"],
+    "geometry": ["data.probe_per_class=1", "geometry.erf.noise_images=2"],
 }
 
 

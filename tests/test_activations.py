@@ -99,8 +99,9 @@ def batches(x, y, size):
 
 
 def run(model, x, y, size=8, start=0, grid=None, stride=1, k=3):
-    return collect(model, batches(x, y, size), LAYERS, torch.device("cpu"), K_CLASSES, grid or LogGrid(),
-                   top_k=k, hist_stride=stride, start=start)
+    stats = collect(model, batches(x, y, size), LAYERS, torch.device("cpu"), K_CLASSES, grid or LogGrid(),
+                    top_k=k, hist_stride=stride, start=start)
+    return stats, stats.exemplars
 
 
 def brute_quantile_ok(est, flat, q, grid):
@@ -274,16 +275,16 @@ def test_merge_of_random_splits_equals_one_pass(setup, reduction, seed, stride, 
         size = int(rng.integers(1, 12))
         shards.append((int(lo), [(x[i : min(i + size, hi)], y[i : min(i + size, hi)]) for i in range(lo, hi, size)]))
     cpu = torch.device("cpu")
-    whole, whole_top = collect(model, [b for _, bs in shards for b in bs], LAYERS, cpu, K_CLASSES, top_k=3, hist_stride=stride)
+    whole = collect(model, [b for _, bs in shards for b in bs], LAYERS, cpu, K_CLASSES, top_k=3, hist_stride=stride)
+    whole_top = whole.exemplars
     parts = [collect(model, bs, LAYERS, cpu, K_CLASSES, top_k=3, hist_stride=stride, start=lo) for lo, bs in shards]
-    # shard 0 goes through a save / load round trip, as a sharded run would
-    parts[0][0].save(tmp_path / "shard0.npz")
+    # shard 0 goes through a save / load round trip, as a sharded run would (exemplars in the same file)
+    parts[0].save(tmp_path / "shard0.npz")
     merged = PopulationStats.load(tmp_path / "shard0.npz")
-    tops = {n: TopK.from_state(n, 3, parts[0][1][n].state()) for n in LAYERS}
-    for stats, top in parts[1:][::-1]:  # any order
+    assert list(merged.layers) == list(LAYERS) and list(merged.exemplars) == list(LAYERS)
+    for stats in parts[1:][::-1]:  # any order
         merged.merge(stats)
-        for n in LAYERS:
-            tops[n].merge(top[n])
+    tops = merged.exemplars
     for n in LAYERS:
         a, b = whole[n], merged[n]
         assert (a.count, a.hist_count, a.images) == (b.count, b.hist_count, b.images)
@@ -623,7 +624,7 @@ def test_cli_end_to_end_and_bad_layer(tmp_path):
     run_dir = tmp_path / "tiny"
     assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", f"run_dir={run_dir}",
                  f"hydra.run.dir={tmp_path / 'h'}"]) == 0
-    assert main(["activations", f"run={run_dir}", "top_k=3", "data.limit=100"]) == 0
+    assert main(["activations", f"run={run_dir}", "activations.top_k=3", "data.limit=100"]) == 0
     out = run_dir / "activations"
     for f in ("stats.parquet", "class_means.parquet", "hist.parquet", "exemplars.parquet", "exemplar_crops.npz",
               "filters.npz", "feature_maps.npz", "metrics.json", "filters_conv1_signed_scaled.png",
@@ -645,7 +646,7 @@ def test_cli_end_to_end_and_bad_layer(tmp_path):
     # a bad layer name: exit code 2, the closest valid name in the message
     err = StringIO()
     with redirect_stderr(err):
-        code = main(["activations", f"run={run_dir}", "layers=[conv_2]"])
+        code = main(["activations", f"run={run_dir}", "activations.layers=[conv_2]"])
     assert code == 2
     assert "conv_2" in err.getvalue() and "did you mean 'conv2'" in err.getvalue()
     assert (out / "stats.parquet").is_file()  # the earlier output is untouched

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from probe.pipeline.config import DataConfig
-from probe.data import load_data, probe_indices, split_indices
+from probe.data import dataset_labels, load_data, probe_indices, split_indices
 from probe.errors import DataError
 
 
@@ -85,3 +85,53 @@ def test_missing_torchvision_dataset_says_where(tmp_path):
     with pytest.raises(DataError) as e:
         load_data(DataConfig(name="mnist", root=str(tmp_path)), 1)
     assert str(tmp_path) in str(e.value) and "data.download=true" in str(e.value)
+
+
+def _folders(root, names, per_class=3):
+    for k, c in enumerate(names):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((10, 10, 3), 10 * k + i, np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_image_folders_are_matched_to_the_models_classes_by_name(tmp_path):
+    root = tmp_path / "imgs"
+    _folders(root, ["scab", "healthy"])  # no "rust" folder: a class without images is fine
+    classes = ["healthy", "rust", "scab"]
+    d = load_data(DataConfig(name="imagefolder", root=str(root), image_size=8, normalize="none"), 3, classes=classes)
+    assert d.classes == classes and d.num_classes == 3
+    for x, y in d.all:  # every image's label is its folder's index among the model's classes
+        k = round(float(x[0, 0, 0]) * 255) // 10  # the folder's position in _folders: scab 0, healthy 1
+        assert classes[int(y)] == ["scab", "healthy"][k]
+
+
+def test_a_folder_that_is_not_one_of_the_models_classes_is_named(tmp_path):
+    root = tmp_path / "imgs"
+    _folders(root, ["healthy", "mildew"])
+    with pytest.raises(DataError) as e:
+        load_data(DataConfig(name="imagefolder", root=str(root), image_size=8), 3, classes=["healthy", "rust"])
+    assert "'mildew'" in str(e.value) and "allowed: healthy, rust" in str(e.value)
+
+
+def test_split_all_is_every_image_once(tmp_path):
+    d = load_data(DataConfig(image_size=8), 1)
+    parts = torch.cat([d.train.tensors[0], d.val.tensors[0], d.test.tensors[0]])
+    everything = d.all.tensors[0]
+    assert len(everything) == 1797 == len(parts)
+    # the same images (as multisets): sort both by their bytes
+    key = lambda t: sorted(map(lambda r: r.numpy().tobytes(), t.flatten(1)))  # noqa: E731
+    assert key(everything) == key(parts)
+    root = tmp_path / "imgs"
+    _folders(root, ["a", "b"], per_class=5)
+    f = load_data(DataConfig(name="imagefolder", root=str(root), image_size=8, val_fraction=0.2, test_fraction=0.2), 3)
+    assert len(f.split("all")) == 10 and sorted(dataset_labels(f.all).tolist()) == [0] * 5 + [1] * 5
+    assert len(f.train) + len(f.val) + len(f.test) == 10
+
+
+def test_the_models_mean_and_std_replace_the_datasets_statistics():
+    from sklearn.datasets import load_digits
+
+    d = load_data(DataConfig(image_size=8), 1, mean=[0.25], std=[0.5])
+    assert d.mean == [0.25] and d.std == [0.5]
+    raw = torch.tensor(load_digits().images, dtype=torch.float32) / 16
+    assert torch.allclose(d.all.tensors[0][:, 0], (raw - 0.25) / 0.5, atol=1e-6)

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from probe.geometry.equivariance import equivariance_table
 from probe.geometry.erf import erf_maps, erf_size
 from probe.geometry.fields import layer_fields
-from probe.geometry.forward import layer_outputs
-from probe.geometry.invariance import invariance_table, transforms
+from probe.geometry.invariance import transforms
+from probe.geometry.tables import equivariance_table, invariance_table
 from probe.geometry.transforms import affine, shift
+from probe.hooks import batched_layer_outputs
 
 
 def wilson(k, n, z=1.959963984540054):
@@ -35,7 +35,7 @@ def circular_stack(stride2: bool = False) -> nn.Sequential:
 
 
 def fields_for(model, x, layers):
-    _, outs = layer_outputs(model, x[:1], layers)
+    _, outs = batched_layer_outputs(model, x[:1], layers)
     return layer_fields(model, x[:1], outs)
 
 
@@ -80,8 +80,8 @@ def test_stride_two_aliases_odd_shifts_and_is_exact_on_even_ones():
     assert odd["fractional"].all() and odd["error"].min() > 1e-2
     assert df[df["layer"] == "0"]["error"].max() < 1e-5  # before the stride: still exact
     # the reported error is the better of floor and ceiling: check one against a brute-force roll
-    moved = layer_outputs(model, torch.roll(x, 1, -1), ["2"])[1]["2"]
-    base = layer_outputs(model, x, ["2"])[1]["2"]
+    moved = batched_layer_outputs(model, torch.roll(x, 1, -1), ["2"])[1]["2"]
+    base = batched_layer_outputs(model, x, ["2"])[1]["2"]
     brute = min(float((moved - torch.roll(base, k, -1)).norm() / base.norm()) for k in (0, 1))
     got = df[(df["layer"] == "2") & (df["shift"] == 1)]["error"].item()
     assert got == pytest.approx(brute, rel=1e-6)
@@ -179,8 +179,9 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", "train.snapshot_epochs=[0,1]",
                  f"run_dir={run}", f"hydra.run.dir={tmp_path / 'h'}"]) == 0
-    assert main(["geometry", f"run={run}", "data.probe_per_class=2", "shift.shifts=[1,2]", "shift.axes=[x]",
-                 "invariance.rotations=[5]", "invariance.scales=[1.1]", "erf.noise_images=4"]) == 0
+    assert main(["geometry", f"run={run}", "data.probe_per_class=2", "geometry.shift.shifts=[1,2]",
+                 "geometry.shift.axes=[x]", "geometry.invariance.rotations=[5]", "geometry.invariance.scales=[1.1]",
+                 "geometry.erf.noise_images=4"]) == 0
     out = run / "geometry"
     expected = {"equivariance.parquet", "invariance.parquet", "erf.parquet", "erf_maps.npz", "metrics.json",
                 "erf_heatmaps.png", "erf_vs_depth.png", "equivariance_by_depth.png", "shift_survival.png",
@@ -231,8 +232,8 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     assert metrics["survival"]["chance_agreement"] == pytest.approx(float(((counts / counts.sum()) ** 2).sum()))
     # bad config: exit 2, nothing lost
     before = sorted(p.name for p in out.iterdir())
-    assert main(["geometry", f"run={run}", "shift.modes=[wrap]"]) == 2
-    assert main(["geometry", f"run={run}", "layers=[conv9]"]) == 2
+    assert main(["geometry", f"run={run}", "geometry.shift.modes=[wrap]"]) == 2
+    assert main(["geometry", f"run={run}", "geometry.layers=[conv9]"]) == 2
     assert sorted(p.name for p in out.iterdir()) == before
 
 
@@ -259,8 +260,8 @@ def test_snapshot_synthetic_images_activate_their_channel(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "model=tiny_cnn", "data.image_size=16", "train.epochs=1", "progress=false",
                  "train.snapshot_epochs=[0,1]", f"run_dir={run}"]) == 0
-    assert main(["geometry", f"run={run}", "data.probe_per_class=1", "erf.noise_images=0", "figures=false",
-                 "dynamics_channels=2", "dynamics_steps=24"]) == 0
+    assert main(["geometry", f"run={run}", "data.probe_per_class=1", "geometry.erf.noise_images=0",
+                 "geometry.figures=false", "geometry.dynamics_channels=2", "geometry.dynamics_steps=24"]) == 0
     images = np.load(run / "geometry" / "dynamics_synthesis.npz")
     assert sorted(images.files) == ["epoch_0000", "epoch_0001"]
     table = pd.read_parquet(run / "geometry" / "dynamics_synthesis.parquet")
@@ -292,8 +293,9 @@ def test_lenet5_equivariance_is_named_by_the_layer_it_was_measured_on():
     name the layer it was measured on, with that layer's own map size, and hold that layer's error
     (recomputed here with hooks and torch.roll, per layer); conv3 is there, says it cannot be measured, and
     carries no number: a "last conv" entry silently holding conv2's error cannot happen."""
-    from probe.capture import default_layers
-    from probe.pipeline.geometry.stage import equivariance_headline, shift_tables, survival_headline
+    from probe.hooks import default_layers
+    from probe.geometry.tables import transform_tables
+    from probe.pipeline.geometry.stage import equivariance_headline, survival_headline
     from probe.models import build
 
     torch.manual_seed(0)
@@ -302,7 +304,7 @@ def test_lenet5_equivariance_is_named_by_the_layer_it_was_measured_on():
     layers = default_layers(model)
     fields = fields_for(model, x, layers)
     ts = transforms([1, 2], ["x", "y"], ["circular", "zero"], [], [], fill=-0.4)
-    eq, inv = shift_tables(model, x, y, layers, fields, ts, 64, torch.device("cpu"))
+    eq, inv = transform_tables(model, x, layers, ts, y=y, fields=fields, batch_size=64, device=torch.device("cpu"))
 
     mods = dict(model.named_modules())
 

@@ -109,3 +109,41 @@ def test_published_receptive_fields_of_alexnet_and_vgg16():
     vgg = {r.name: r for r in layer_table(build("vgg16"), 3, 224)}
     assert alex["features.12"].receptive_field == [195, 195] and alex["features.12"].rf_stride == [32, 32]
     assert vgg["features.30"].receptive_field == [212, 212] and vgg["features.30"].rf_stride == [32, 32]
+
+
+def test_a_keyword_the_factory_does_not_take_is_named_with_the_accepted_ones():
+    from probe.models import ModelError
+
+    with pytest.raises(ModelError) as e:
+        build("tiny_cnn", kwargs={"widht": 8})
+    assert e.value.key == "kwargs"
+    assert "'widht'" in str(e.value) and "accepted: in_channels, num_classes, width" in str(e.value)
+    # conv1 1->w 3x3, conv2 w->2w 3x3, fc 2w->10, with biases: 18 w^2 + 32 w + 10 parameters
+    assert sum(p.numel() for p in build("tiny_cnn", kwargs={"width": 8}).parameters()) == 18 * 64 + 32 * 8 + 10
+
+
+def test_the_check_on_the_configured_input_says_what_the_model_returned():
+    from probe.models import ModelError
+
+    model = build("tiny_cnn", in_channels=3, num_classes=5, image_size=16)  # (2, 5) on zeros (2, 3, 16, 16): fine
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 5)
+    with pytest.raises(ModelError) as e:  # LeNet-5 only takes 32 x 32
+        build("lenet5", image_size=28)
+    assert e.value.key == "input" and "zeros (2x1x28x28) raised RuntimeError" in str(e.value)
+    with pytest.raises(ModelError) as e:
+        build("tiny_cnn", output=0, image_size=16)
+    assert e.value.key == "output" and "the model returns Tensor (2, 10) float32" in str(e.value)
+
+
+def test_sources_by_name_prefix_and_path():
+    from probe.models import parse_source
+
+    assert [parse_source(s).kind for s in ("lenet5", "resnet18", "torchvision:vgg16", "timm:resnet18",
+                                           "mypkg.nets:make_net", "mynets.leaves.LeafNet")] == \
+        ["probe", "torchvision", "torchvision", "timm", "import", "import"]
+    assert parse_source("torchvision:vgg16").name == "vgg16"
+    from probe.models import ModelError
+
+    with pytest.raises(ModelError) as e:
+        parse_source("resnet_smal")
+    assert "did you mean 'resnet_small'" in str(e.value)

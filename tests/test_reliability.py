@@ -23,11 +23,12 @@ from PIL import Image
 from probe.pipeline.cli import main
 from probe.errors import RunDirError
 from probe.pipeline.rundir import read_card
+from probe.pipeline.stages import STAGES
 
 from conftest import CHEAP, TINY_TRAIN, make_run
 
-ANALYSES = ("activations", "saliency", "synthesize", "geometry")
-OUTPUT = {"activations": "activations", "saliency": "saliency", "synthesize": "synthesis", "geometry": "geometry"}
+ANALYSES = tuple(CHEAP)  # activations, saliency, synthesize, geometry
+OUTPUT = {stage: STAGES[stage].output for stage in ANALYSES}
 TRAINED_FILES = ("card.json", "config.yaml", "metrics.json", "model.safetensors", "train_log.csv")
 PLAIN = "import sys; from probe.pipeline.cli import main; sys.exit(main(sys.argv[1:]))"
 
@@ -68,11 +69,11 @@ BAD = [
     ("train", ["data.image_size=4"], "data.image_size", ">= 8"),
     ("train", ["data.name=digitz"], "data.name", "did you mean 'digits'"),
     ("train", ["model=tiny_cn"], "model", "did you mean 'tiny_cnn'"),
-    ("activations", ["top_kk=3"], "top_kk", "did you mean 'top_k'"),
-    ("activations", ["top_k=many"], "top_k", "Integer"),
-    ("activations", ["hist_bits=9"], "hist_bits", "<= 8"),
-    ("activations", ["layers=[conv_1]"], "layers", "did you mean 'conv1'"),
-    ("activations", ["feature_map_layers=[fcc]"], "feature_map_layers", "did you mean 'fc'"),
+    ("activations", ["activations.top_kk=3"], "activations.top_kk", "did you mean 'top_k'"),
+    ("activations", ["activations.top_k=many"], "activations.top_k", "Integer"),
+    ("activations", ["activations.hist_bits=9"], "activations.hist_bits", "<= 8"),
+    ("activations", ["activations.layers=[conv_1]"], "activations.layers", "did you mean 'conv1'"),
+    ("activations", ["activations.feature_map_layers=[fcc]"], "activations.feature_map_layers", "did you mean 'fc'"),
     ("saliency", ["saliency.ig_step=4"], "saliency.ig_step", "did you mean 'ig_steps'"),
     ("saliency", ["saliency.ig_steps=1.5"], "saliency.ig_steps", "Integer"),
     ("saliency", ["saliency.smoothgrad_noise=2"], "saliency.smoothgrad_noise", "<= 1"),
@@ -83,11 +84,11 @@ BAD = [
     ("synthesize", ["synthesis.lr=0"], "synthesis.lr", "> 0"),
     ("synthesize", ["synthesis.layers=[conv_1]"], "synthesis.layers", "did you mean 'conv1'"),
     ("synthesize", ["synthesis.dream.layer=conv_2"], "synthesis.dream.layer", "did you mean 'conv2'"),
-    ("geometry", ["erf.mas=0.5"], "erf.mas", "did you mean 'mass'"),
-    ("geometry", ["erf.mass=most"], "erf.mass", "Float"),
-    ("geometry", ["erf.mass=0"], "erf.mass", "> 0"),
-    ("geometry", ["layers=[fcc]"], "layers", "did you mean 'fc'"),
-    ("geometry", ["shift.modes=[wrap]"], "shift.modes", "allowed: circular, zero"),
+    ("geometry", ["geometry.erf.mas=0.5"], "geometry.erf.mas", "did you mean 'mass'"),
+    ("geometry", ["geometry.erf.mass=most"], "geometry.erf.mass", "Float"),
+    ("geometry", ["geometry.erf.mass=0"], "geometry.erf.mass", "> 0"),
+    ("geometry", ["geometry.layers=[fcc]"], "geometry.layers", "did you mean 'fc'"),
+    ("geometry", ["geometry.shift.modes=[wrap]"], "geometry.shift.modes", "allowed: circular, zero"),
     ("report", ["unit=3"], "unit", "did you mean 'units'"),
     ("report", ["images=all"], "images", "Integer"),
     ("report", ["units=-1"], "units", ">= 0"),
@@ -491,7 +492,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import torch
     from torch.utils.data import Dataset
     import probe.pipeline.activations.stage as st
-    from probe.pipeline.activations.config import ActivationsStage
+    from probe.pipeline.activations.config import ActivationsConfig, ActivationsStage
     from probe.pipeline.config import AnalysisData
 
     def status_mb(key):
@@ -524,7 +525,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
         start["rss"] = status_mb("VmRSS")
         return ctx
     st.open_run = open_run
-    st.run(ActivationsStage(run=sys.argv[1], data=AnalysisData(batch_size=256), images=False))
+    st.run(ActivationsStage(run=sys.argv[1], data=AnalysisData(batch_size=256), activations=ActivationsConfig(images=False)))
     print(json.dumps({"start_mb": start["rss"], "peak_mb": status_mb("VmHWM")}))
 """)
 RSS_TOLERANCE_MB = 16  # the stage's own peak (above its start) may grow by at most this from 5,000 to 50,000 images

@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 from probe.pipeline.cli import main
+from probe.pipeline.stages import STAGES
 
-SECTIONS = ["overview", "architecture", "filters", "feature-maps", "distributions", "saliency", "synthesis", "geometry"]
+# the sections of the run cards, then those of each stage's folder
+SECTIONS = ["overview", "architecture", *(sid for s in STAGES.values() for sid in s.sections)]
 
 
 class Page(HTMLParser):
@@ -396,5 +398,5 @@ def test_a_pasted_hint_runs_on_a_sweep_style_run_dir(complete_runs, tmp_path):
     run = tmp_path / "sweep" / "model=tiny_cnn,seed=0"
     shutil.copytree(complete_runs[0], run, ignore=shutil.ignore_patterns("geometry"))
     argv = shlex.split(stage_command("geometry", run))
-    assert main([*argv[1:], "data.probe_per_class=1", "erf.noise_images=2"]) == 0
+    assert main([*argv[1:], "data.probe_per_class=1", "geometry.erf.noise_images=2"]) == 0
     assert (run / "geometry" / "metrics.json").is_file()

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats
 
-from probe.errors import ConfigError, NumericalError
+from probe.errors import ConfigError, LayerNotFound, NumericalError
 from probe.saliency import methods as sal_methods
 from probe.saliency.batching import map_batches
 from probe.pipeline.saliency.config import SaliencyConfig
@@ -26,7 +26,8 @@ from probe.saliency.methods import MethodSettings, attribute, occlusion_geometry
 from probe.saliency.prepare import attribution_copy, default_gradcam_layer, gradcam_layer
 from probe.saliency.randomisation import (average_ranks, cascade_order, cascading_randomisations, compare_maps,
                                           spearman, spearman_informative)
-from probe.saliency.ssim import gaussian_window, minmax, ssim
+from probe.images import minmax
+from probe.saliency.ssim import gaussian_window, ssim
 
 
 def tiny_cnn(seed=0, channels=1, classes=5):
@@ -201,7 +202,7 @@ def test_default_gradcam_layer_skips_1x1_outputs():
     lenet = build("lenet5")
     assert gradcam_layer(lenet, torch.zeros(1, 1, 32, 32), None) == "relu2"  # conv3 outputs 1x1
     assert gradcam_layer(tiny_cnn(), torch.zeros(1, 1, 16, 16), None) == "relu2"
-    with pytest.raises(ConfigError, match="saliency.gradcam_layer.*conv2"):
+    with pytest.raises(LayerNotFound, match="^gradcam_layer: layer 'conv22'.*conv2"):  # its own argument's name
         gradcam_layer(lenet, torch.zeros(1, 1, 32, 32), "conv22")
 
 
@@ -290,7 +291,7 @@ def test_default_gradcam_layer_without_rectifiers_and_without_feature_maps():
                          nn.Flatten(), nn.Linear(4, 2))
     assert default_gradcam_layer(silu, torch.zeros(1, 1, 8, 8)) == ("3", "last feature map")
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 2))
-    with pytest.raises(ConfigError, match="saliency.gradcam_layer.*name a layer"):
+    with pytest.raises(ConfigError, match="^gradcam_layer: .*name a layer"):
         gradcam_layer(mlp, torch.zeros(1, 1, 8, 8), None)
 
 
@@ -673,7 +674,7 @@ def test_ssim_matches_brute_force_loops():
 
 
 def test_minmax_guards_constant_maps():
-    m = minmax(torch.stack([torch.full((3, 3), 5.0), torch.arange(9.0).view(3, 3)]))
+    m = minmax(torch.stack([torch.full((3, 3), 5.0), torch.arange(9.0).view(3, 3)]), (1, 2), eps=1e-12)
     assert torch.equal(m[0], torch.zeros(3, 3)) and m[1].min() == 0 and m[1].max() == 1
 
 

@@ -20,7 +20,7 @@ from probe.errors import ConfigError
 
 from conftest import TINY_TRAIN
 
-COMMON = ["data.limit=100", "data.batch_size=16", "top_k=5", "images=false"]
+COMMON = ["data.limit=100", "data.batch_size=16", "activations.top_k=5", "activations.images=false"]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +35,9 @@ def runs(tmp_path_factory):
     shutil.copytree(single, sharded)
     assert main(["activations", f"run={single}", *COMMON]) == 0
     for i in (2, 0, 1):  # any order
-        assert main(["activations", f"run={sharded}", f"shard={i}/3", *COMMON]) == 0
+        assert main(["activations", f"run={sharded}", f"activations.shard={i}/3", *COMMON]) == 0
     assert not (sharded / "activations").exists()  # a shard writes only its own state
-    assert main(["activations_merge", f"run={sharded}", "shards=3", *COMMON]) == 0
+    assert main(["activations_merge", f"run={sharded}", "activations.shards=3", *COMMON]) == 0
     return single / "activations", sharded / "activations"
 
 
@@ -87,7 +87,7 @@ def test_brute_force_exemplars(runs):
 
     from probe.pipeline.analysis import open_run
     from probe.pipeline.activations.config import ActivationsStage
-    from probe.capture import Capture
+    from probe.hooks import Capture
     from probe.pipeline.config import AnalysisData
 
     single, merged = runs
@@ -116,20 +116,20 @@ def test_shard_range_partitions():
 def test_bad_shard_is_refused(bad, capsys, tmp_path):
     with pytest.raises(ConfigError, match=r"shard: .* i/n with 0 <= i < n"):
         parse_shard(bad)
-    assert main(["activations", f"run={tmp_path}", f"shard={bad}"]) == 2
+    assert main(["activations", f"run={tmp_path}", f"activations.shard={bad}"]) == 2
     err = capsys.readouterr().err
     assert "shard" in err and "i/n" in err, err
 
 
 def test_merge_names_missing_shards(runs, capsys):
     _, merged = runs
-    assert main(["activations_merge", f"run={merged.parent}", "shards=4", *COMMON]) == 2
+    assert main(["activations_merge", f"run={merged.parent}", "activations.shards=4", *COMMON]) == 2
     err = capsys.readouterr().err
     assert "4 of 4 shards missing" in err and "0-of-4/state.npz" in err and "3-of-4/state.npz" in err
 
 
 def test_merge_refuses_a_shard_with_other_settings(runs, capsys):
     _, merged = runs
-    assert main(["activations_merge", f"run={merged.parent}", "shards=3", "data.limit=100", "data.batch_size=16",
-                 "top_k=4"]) == 2
+    assert main(["activations_merge", f"run={merged.parent}", "activations.shards=3", "data.limit=100",
+                 "data.batch_size=16", "activations.top_k=4"]) == 2
     assert "top_k" in capsys.readouterr().err

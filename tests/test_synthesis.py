@@ -625,11 +625,11 @@ def test_bad_config_exits_2(tiny_run, tmp_path, override):
 
 
 def test_default_layers_are_every_conv_or_a_few_for_big_models():
+    from probe.hooks import spaced_convs
     from probe.models import build
-    from probe.pipeline.synthesis.stage import default_layers
 
-    assert default_layers(build("lenet5")) == ["conv1", "conv2", "conv3"]
-    big = default_layers(build("resnet50"))
+    assert spaced_convs(build("lenet5")) == ["conv1", "conv2", "conv3"]
+    big = spaced_convs(build("resnet50"))
     convs = [n for n, m in build("resnet50").named_modules() if isinstance(m, nn.Conv2d)]
     assert len(big) == 3 and all(b in convs for b in big) and convs.index(big[0]) < convs.index(big[1]) < convs.index(big[2])
 

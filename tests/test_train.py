@@ -95,7 +95,7 @@ def test_retraining_removes_the_analyses_of_the_old_weights(tmp_path):
     run_dir = tmp_path / "run"
     assert main(["train", *TINY, f"run_dir={run_dir}"]) == 0
     assert main(["activations", f"run={run_dir}", *CHEAP["activations"]]) == 0
-    assert main(["activations", f"run={run_dir}", "shard=0/2", *CHEAP["activations"]]) == 0
+    assert main(["activations", f"run={run_dir}", "activations.shard=0/2", *CHEAP["activations"]]) == 0
     (run_dir / "notes.txt").write_text("mine")  # not an analysis: kept
     old = (run_dir / "model.safetensors").read_bytes()
     assert main(["train", *TINY, "seed=1", f"run_dir={run_dir}"]) == 0
@@ -106,3 +106,46 @@ def test_retraining_removes_the_analyses_of_the_old_weights(tmp_path):
     assert main(["activations", f"run={run_dir}", *CHEAP["activations"]]) == 0
     assert main(["train", *TINY, "train.lr=-1", f"run_dir={run_dir}"]) == 2
     assert (run_dir / "activations" / "stats.parquet").is_file() and (run_dir / "card.json").is_file()
+
+
+def test_the_card_records_how_to_rebuild_the_model_and_the_input_it_takes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "model=vgg_small", "model.input.size=24", "+model.kwargs.hidden=16", "train.epochs=0",
+                 "progress=false", f"run_dir={run_dir}"]) == 0
+    card = read_card(run_dir)
+    m = card["model"]
+    assert m["name"] == "vgg_small" and m["_target_"] is None and m["kwargs"] == {"hidden": 16}
+    assert m["output"] is None and m["classes"] is None and m["num_classes"] == 10 and m["in_channels"] == 1
+    # model.input.size wins over data.image_size (32): the images are resized to what the model takes
+    assert m["input"]["size"] == 24 and card["data"]["image_size"] == 24
+    assert m["input"]["mean"] == card["data"]["mean"] and m["input"]["std"] == card["data"]["std"]
+    assert card["layers"][0]["output_shape"] == [16, 24, 24]
+    run = load_run(run_dir)
+    assert run.model.classifier[1].out_features == 16  # rebuilt with its kwargs
+    from probe.pipeline.analysis import run_data
+
+    x, _ = run_data(run.card).test[0]
+    assert x.shape == (1, 24, 24)
+
+
+@pytest.mark.parametrize("overrides,hint", [
+    (["model=lenet5", "model.input.size=28"], "model.input.size: lenet5 accepts 32x32 inputs only; got 28"),
+    (["model=tiny_cnn", "model.input.channels=2"], "model.input.channels: '2' is not allowed; allowed: 1, 3"),
+    (["model=tiny_cnn", "model.input.mean=[0.5,0.5]", "model.input.std=[1,1]", "model.input.channels=1"],
+     "model.input.mean: 2 values for 1 channels"),
+    (["model=tiny_cnn", "model.weights=DEFAULT"], "model.weights: 'DEFAULT' is not a weights file"),
+])
+def test_a_bad_model_input_exits_2_and_writes_nothing(overrides, hint, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *overrides, "data.image_size=16", f"run_dir={run_dir}", f"hydra.run.dir={tmp_path}/h"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert hint in err[0], err[0]
+    assert not run_dir.exists() and not (tmp_path / "h").exists()
+
+
+def test_a_model_with_fewer_class_scores_than_the_data_has_classes_is_refused(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", *TINY, "+model.kwargs.num_classes=4", f"run_dir={run_dir}"]) == 2
+    assert "model.output: the model returns 4 class scores (Tensor (2, 4) float32); expected 10" in capsys.readouterr().err
+    assert not (run_dir / "card.json").exists()

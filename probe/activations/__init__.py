@@ -1,8 +1,8 @@
 """Activations: filters, feature maps, streaming population statistics and dataset exemplars.
 
-Public surface: :class:`LogGrid` (the fixed histogram grid), :class:`LayerStats` /
-:class:`PopulationStats` (mergeable streaming statistics), :class:`TopK` (streaming exemplars) and
-:func:`collect` (one forward pass per batch feeds all of them).
+Public surface: :func:`collect` (one forward pass per batch feeds every layer's statistics and exemplars)
+returning :class:`PopulationStats` (mergeable: :class:`LayerStats` and :class:`TopK` exemplars per layer),
+on the fixed histogram grid :class:`LogGrid`.
 """
 
 from probe.activations.exemplars import TopK

@@ -14,11 +14,10 @@ import numpy as np
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
+from probe.hooks import first_conv
+from probe.images import minmax, rows_of, tile_grid
+
 MAX_TILES = 64  # channels drawn per grid
-
-
-def first_conv(model: nn.Module) -> str | None:
-    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def kernel_arrays(model: nn.Module, layers: list[str]) -> dict[str, np.ndarray]:
@@ -30,9 +29,7 @@ def kernel_arrays(model: nn.Module, layers: list[str]) -> dict[str, np.ndarray]:
         w = modules[first].weight.detach().float().cpu().numpy()  # (O, I, kh, kw)
         out[f"{first}/weight"] = w
         if w.shape[1] == 3:
-            img = w.transpose(0, 2, 3, 1)
-            lo, hi = img.min((1, 2, 3), keepdims=True), img.max((1, 2, 3), keepdims=True)
-            out[f"{first}/rgb_minmax"] = (img - lo) / np.where(hi > lo, hi - lo, 1)  # (O, kh, kw, 3)
+            out[f"{first}/rgb_minmax"] = minmax(w.transpose(0, 2, 3, 1), (1, 2, 3))  # (O, kh, kw, 3)
         else:
             g = w.mean(1)
             out[f"{first}/signed_scaled"] = g / np.maximum(np.abs(g).max((1, 2), keepdims=True), 1e-12)  # [-1, 1]
@@ -58,22 +55,14 @@ def viridis(v: np.ndarray) -> np.ndarray:
     return (colormaps["viridis"](np.clip(v, 0, 1))[..., :3] * 255).round().astype(np.uint8)
 
 
-def minmax(a: np.ndarray, axes) -> np.ndarray:
-    lo, hi = a.min(axes, keepdims=True), a.max(axes, keepdims=True)
-    return (a - lo) / np.where(hi > lo, hi - lo, 1)
-
-
 def tile(rows: list[list[np.ndarray]], title: str, scale: int = 1) -> Image.Image:
     """A grid of equal-size RGB uint8 tiles ``(h, w, 3)`` with a one-line title above it."""
     h, w = rows[0][0].shape[:2]
     h, w = h * scale, w * scale
     gap, head = 2, 14
-    ncol = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (max(ncol * (w + gap) + gap, 6 * len(title) + 4), head + len(rows) * (h + gap) + gap), "white")
-    for i, row in enumerate(rows):
-        for j, t in enumerate(row):
-            im = Image.fromarray(t).resize((w, h), Image.NEAREST)
-            canvas.paste(im, (gap + j * (w + gap), head + gap + i * (h + gap)))
+    grid = tile_grid([[np.asarray(Image.fromarray(t).resize((w, h), Image.NEAREST)) for t in row] for row in rows], gap, 255)
+    canvas = Image.new("RGB", (max(grid.shape[1], 6 * len(title) + 4), head + grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (0, head))
     ImageDraw.Draw(canvas).text((2, 1), title, fill="black")
     return canvas
 
@@ -96,7 +85,7 @@ def save_kernel_grids(arrays: dict[str, np.ndarray], folder: Path) -> list[str]:
         else:
             s = a / np.maximum(np.abs(a).max((1, 2), keepdims=True), 1e-12)
             tiles, title = [diverging(t) for t in s], f"{layer}: MEAN OVER INPUT CHANNELS per output channel (not a kernel image)"
-        rows = [tiles[i : i + 16] for i in range(0, len(tiles), 16)]
+        rows = rows_of(tiles, 16)
         name = f"filters_{layer}_{kind}.png"
         tile(rows, title, upscale(a.shape[1])).save(folder / name)
         written.append(name)

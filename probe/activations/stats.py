@@ -45,6 +45,7 @@ Merging: counts, min, max and histograms merge exactly; sums in float64 to round
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ from probe.activations.exemplars import BatchSummary, TopK
 from probe.activations.grid import LogGrid
 from probe.activations.kernel import reduce_batch, state_views
 from probe.activations.rectified import Rectified
+from probe.files import write_bytes
 
 QUANTILES = (0.01, 0.5, 0.99)
 FUSED_CPU = True  # CPU batches go through the one-pass numba kernel (tests also run the torch ops on CPU)
@@ -355,31 +357,66 @@ def hist_quantiles(hist: np.ndarray, grid: LogGrid, qs, mn: np.ndarray, mx: np.n
 
 
 class PopulationStats:
-    """:class:`LayerStats` of several layers, saved to / loaded from one npz, and merged."""
+    """The statistics of several layers over a population of images: :class:`LayerStats` and the
+    :class:`~probe.activations.exemplars.TopK` exemplars per layer, merged and saved together.
 
-    def __init__(self, layers: dict[str, LayerStats]):
+    ``stats["conv1"]`` is a layer's :class:`LayerStats`, ``stats.exemplars["conv1"]`` its exemplars,
+    :meth:`table` every layer's per-channel table. Two populations (shards of one dataset) merge into what
+    one pass over both gives (:meth:`merge`); :meth:`save` / :meth:`load` write and read them as one npz
+    (arrays ``stats/<layer>/<field>``, ``topk/<layer>/<field>``, ``topk/<layer>/k`` and ``layers``, their order).
+    """
+
+    def __init__(self, layers: dict[str, LayerStats], exemplars: dict[str, TopK] | None = None):
         self.layers = layers
+        self.exemplars: dict[str, TopK] = exemplars or {}
 
     def __getitem__(self, name: str) -> LayerStats:
         return self.layers[name]
 
+    def table(self) -> pd.DataFrame:
+        """:meth:`LayerStats.to_frame` of every layer that saw a batch, one row per layer and channel."""
+        return pd.concat([s.to_frame() for s in self.layers.values() if s.channels is not None], ignore_index=True)
+
     def merge(self, other: "PopulationStats") -> "PopulationStats":
+        """Add ``other`` (the same layers on other images) into this one, exemplars included; returns self."""
         for name, s in other.layers.items():
             if name in self.layers:
                 self.layers[name].merge(s)
             else:
                 self.layers[name] = s
+        for name, t in other.exemplars.items():
+            if name in self.exemplars:
+                self.exemplars[name].merge(t)
+            else:
+                self.exemplars[name] = t
         return self
 
     def save(self, path: Path) -> None:
-        arrays = {f"{name}/{k}": v for name, s in self.layers.items() for k, v in s.state().items()}
-        np.savez(path, **arrays)
+        """Write every layer's state (and its exemplars) to the npz ``path``, atomically."""
+        arrays = {f"stats/{name}/{k}": v for name, s in self.layers.items() for k, v in s.state().items()}
+        arrays["layers"] = np.array(list(self.layers), dtype=str)
+        for name, t in self.exemplars.items():
+            arrays[f"topk/{name}/k"] = np.array(t.k, dtype=np.int64)
+            arrays.update({f"topk/{name}/{k}": v for k, v in t.state().items()})
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)  # not probe.files.write_npz: it stores 0-d arrays (a rectifier's kind, cap) as 1-d
+        write_bytes(Path(path), buf.getvalue())
 
     @classmethod
     def load(cls, path: Path, device="cpu") -> "PopulationStats":
+        """Read what :meth:`save` wrote."""
+        grouped: dict[str, dict[str, dict]] = {"stats": {}, "topk": {}}
         with np.load(path) as z:
-            grouped: dict[str, dict] = {}
+            if "layers" not in z.files:
+                raise ValueError(f"{path}: not written by PopulationStats.save (no 'layers' array; an older probe's "
+                                 "state: recompute it)")
+            order = [str(n) for n in z["layers"]]
             for key in z.files:
-                name, field = key.rsplit("/", 1)
-                grouped.setdefault(name, {})[field] = z[key]
-        return cls({n: LayerStats.from_state(n, st, device) for n, st in grouped.items()})
+                if key != "layers":
+                    kind, rest = key.split("/", 1)
+                    name, field = rest.rsplit("/", 1)
+                    grouped[kind].setdefault(name, {})[field] = z[key]
+        stats = {n: LayerStats.from_state(n, grouped["stats"][n], device) for n in order}
+        tops = {n: TopK.from_state(n, int(grouped["topk"][n].pop("k")), grouped["topk"][n], device)
+                for n in order if n in grouped["topk"]}
+        return cls(stats, tops)

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from probe.geometry.forward import layer_outputs
+from probe.hooks import batched_layer_outputs, first_conv
 from probe.models.weights import load_into, read_state_dict
 
 SNAPSHOT = re.compile(r"epoch_(\d+)\.safetensors$")
@@ -28,10 +28,6 @@ def snapshot_paths(run_dir: Path) -> list[tuple[int, Path]]:
 
 def relu_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
-
-
-def first_conv(model: nn.Module) -> str | None:
-    return next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def activity(acts: dict[str, torch.Tensor], layers: list[str]) -> list[dict]:
@@ -57,17 +53,12 @@ def dynamics_table(model: nn.Module, x: torch.Tensor, snapshots: list[tuple[int,
         load_into(model, read_state_dict(path), str(path))
         model.to(device).eval()
         if layers:
-            _, acts = layer_outputs(model, x, layers, batch_size, device)
+            _, acts = batched_layer_outputs(model, x, layers, batch_size, device)
             rows += [{"epoch": epoch, **r} for r in activity(acts, [n for n in layers if n in acts])]
         if conv is not None:
             filters[f"epoch_{epoch:04d}"] = dict(model.named_modules())[conv].weight.detach().float().cpu().numpy()
     cols = ["epoch", "layer", "depth", "channels", "sparsity", "dead_fraction"]
     return pd.DataFrame(rows, columns=cols), filters
-
-
-def middle_conv(model: nn.Module) -> str | None:
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return convs[len(convs) // 2] if convs else None
 
 
 def snapshot_images(model: nn.Module, snapshots: list[tuple[int, Path]], layer: str, channels: list[int],

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import math
 
-import pandas as pd
 import torch
-import torch.nn as nn
 
 from probe.geometry.fields import LayerField
-from probe.geometry.forward import layer_outputs, module_types
-from probe.geometry.transforms import AXIS_DIM, overlap, shift
+from probe.geometry.transforms import AXIS_DIM, overlap
 
 
 def normalised_error(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -92,30 +89,6 @@ def equivariance_rows(base: dict[str, torch.Tensor], moved: dict[str, torch.Tens
                      "error": err, "error_interior": err_in, "interior_units": int(len(u)),
                      "map_size": int(length), "map_h": int(base[name].shape[-2]), "map_w": int(base[name].shape[-1])})
     return rows
-
-
-def equivariance_table(model: nn.Module, x: torch.Tensor, layers: list[str], fields: dict[str, LayerField],
-                       shifts: list[int], axes: list[str], modes: list[str], fill: torch.Tensor | float = 0.0,
-                       batch_size: int = 128, device: torch.device | str = "cpu") -> pd.DataFrame:
-    """One row per (layer with a spatial output, mode, axis, shift) for images ``x`` ``(N, C, H, W)``.
-
-    Columns: layer, type, depth (index in ``layers``), mode, axis, shift (input pixels), stride,
-    feature_shift (map units compared), feature_shift_exact (shift / stride), fractional, error
-    (circular: whole maps; zero: the overlap), error_interior and interior_units (only units whose
-    receptive field sees neither padding nor what came in at the border: NaN when there are none),
-    map_size (units along the axis), map_h and map_w (the layer's output size), measurable (False: the
-    map is too small for the shift, see :func:`measurable`; error and error_interior are NaN).
-    """
-    _, base = layer_outputs(model, x, layers, batch_size, device)
-    spatial = [n for n in layers if n in base and has_map(base[n])]
-    types = module_types(model, spatial)
-    rows = []
-    for mode in modes:
-        for axis in axes:
-            for n in shifts:
-                _, moved = layer_outputs(model, shift(x, n, AXIS_DIM[axis], mode, fill), spatial, batch_size, device)
-                rows += equivariance_rows(base, moved, layers, fields, types, mode, axis, n, x.shape[AXIS_DIM[axis]])
-    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 COLUMNS = ["layer", "type", "depth", "mode", "axis", "shift", "stride", "feature_shift", "feature_shift_exact",

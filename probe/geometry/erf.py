@@ -12,19 +12,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from probe.capture import Capture
+from probe.hooks import layer_outputs
 
 
 def erf_maps(model: nn.Module, x: torch.Tensor, layers: list[str],
              device: torch.device | str = "cpu") -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
     """For every layer with a spatial map: (ERF map ``(H, W)``, central unit ``(uy, ux)``)."""
     x = x.to(device).requires_grad_(True)
-    with Capture(model, layers, detach=False) as cap:
-        model(x)
-    names = [n for n in layers if n in cap.outputs and cap.outputs[n].dim() == 4]
+    _, acts = layer_outputs(model, x, layers, output=False)
+    names = [n for n in layers if n in acts and acts[n].dim() == 4]
     out = {}
     for i, n in enumerate(names):
-        y = cap.outputs[n]
+        y = acts[n]
         uy, ux = y.shape[-2] // 2, y.shape[-1] // 2
         (g,) = torch.autograd.grad(y[:, :, uy, ux].sum(), x, retain_graph=i < len(names) - 1)
         out[n] = (g.abs().sum(1).mean(0).double().cpu().numpy(), (uy, ux))

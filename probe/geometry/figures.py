@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from probe.images import minmax, tile_grid  # noqa: E402
+
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
@@ -18,20 +20,11 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def _unit(img: np.ndarray) -> np.ndarray:
-    lo, hi = float(img.min()), float(img.max())
-    return (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img, dtype=float)
-
-
 def _mosaic(ax, tiles: list[list[np.ndarray]], rows: list[str], cols: list[str], cmap: str | None) -> None:
     """Tiles of equal size ``(h, w)`` or ``(h, w, 3)``, each scaled to [0, 1], drawn as one image on one
     axes (one axes per tile costs seconds in matplotlib)."""
     h, w = tiles[0][0].shape[:2]
-    rgb = tiles[0][0].ndim == 3
-    grid = np.ones(((h + 1) * len(rows) + 1, (w + 1) * len(cols) + 1) + ((3,) if rgb else ()))
-    for r, row in enumerate(tiles):
-        for c, t in enumerate(row):
-            grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = _unit(t)
+    grid = tile_grid([[minmax(t) for t in row] for row in tiles], 1, 1.0, np.float64)
     ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([1 + c * (w + 1) + w / 2 - 0.5 for c in range(len(cols))], cols, rotation=45, ha="left", fontsize=7)
     ax.set_yticks([1 + r * (h + 1) + h / 2 - 0.5 for r in range(len(rows))], rows, fontsize=7)

@@ -9,10 +9,8 @@ from typing import Callable
 
 import pandas as pd
 import torch
-import torch.nn as nn
 
 from probe.geometry.equivariance import normalised_error
-from probe.geometry.forward import layer_outputs, module_types
 from probe.geometry.transforms import AXIS_DIM, affine, shift
 from probe.uncertainty import proportion_interval
 
@@ -61,26 +59,6 @@ def invariance_rows(t: Transform, out0: torch.Tensor, base: dict[str, torch.Tens
                          "prob_change": nan, "survival": nan, "k": None, "n": None, "survival_low": nan, "survival_high": nan,
                          "accuracy": nan, "accuracy_clean": nan})
     return rows
-
-
-def invariance_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers: list[str],
-                     transforms: list[Transform], batch_size: int = 128,
-                     device: torch.device | str = "cpu") -> pd.DataFrame:
-    """One row per transform for the output (layer ``"output"``) and per transform and layer.
-
-    ``change``: ``||g(Tx) - g(x)|| / ||g(x)||`` of the pooled features ``g`` (of the raw output for
-    ``"output"``). Output rows also carry ``prob_change`` (mean total-variation distance between the
-    softmax probabilities), ``survival`` (share of images whose predicted class is unchanged: ``k`` of
-    ``n``, with Wilson's 95% interval ``survival_low``, ``survival_high``; null on layer rows),
-    ``accuracy`` and ``accuracy_clean`` (on the untransformed images).
-    """
-    out0, base = layer_outputs(model, x, layers, batch_size, device)
-    types = module_types(model, layers)
-    rows = []
-    for t in transforms:
-        out, acts = layer_outputs(model, t.apply(x), layers, batch_size, device)
-        rows += invariance_rows(t, out0, base, out, acts, y, layers, types)
-    return invariance_frame(rows)
 
 
 def invariance_frame(rows: list[dict]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import types
 import torch
 import torch.nn as nn
 
+from probe.models.output import pick, selector
 from probe.trace import ForwardTrace, _Functions, key, trace_forward
 
 
@@ -27,10 +28,11 @@ def softmax_head(trace: ForwardTrace) -> str | None:
 
 
 def _logits_forward(self, *args, **kwargs):
-    """The class's own forward, returning the input of the (log-)softmax that produced its output."""
+    """The class's own forward, returning the input of the (log-)softmax that produced its output (the
+    selected element of it, for a model given an ``output`` by :func:`probe.models.output.select_output`)."""
     tr = ForwardTrace()
     with _Functions(tr):
-        out = type(self).forward(self, *args, **kwargs)
+        out = pick(type(self).forward(self, *args, **kwargs), selector(self))
     if not isinstance(out, torch.Tensor):
         return out
     hit = next((c for c in reversed(tr.calls) if c.kind == "softmax" and c.output == key(out)), None)

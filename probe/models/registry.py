@@ -1,27 +1,27 @@
-"""Model registry: ``@register_model``, ``build(name, ...)``, ``list_models()``.
+"""probe's model zoo: ``@register_model`` records a factory with the input it expects by default.
 
-probe's own models are registered with the input they expect by default; every torchvision
-classifier is available by its torchvision name (``resnet18``, ``vgg16``, ``googlenet`` ...).
+Every torchvision classifier is buildable by its torchvision name too (``resnet18``, ``vgg16``,
+``googlenet`` ...); :mod:`probe.models.sources` resolves names of every kind.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.nn as nn
-import torchvision
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    factory: Callable[..., nn.Module]
+    factory: Optional[Callable[..., nn.Module]]  # probe's zoo only: factory(in_channels, num_classes, **kwargs)
     channels: int  # default input channels
     image_size: int  # default input height = width
-    num_classes: int
+    num_classes: Optional[int]  # default number of class scores (None: unknown, your own callables)
     fixed_size: bool  # True when the architecture only accepts image_size (LeNet-5: 32)
-    source: str  # "probe" or "torchvision"
+    source: str  # "probe", "torchvision", "timm", "entry_point" or "import" (see probe.models.sources)
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -39,21 +39,9 @@ def register_model(channels: int = 1, image_size: int = 32, num_classes: int = 1
     return wrap
 
 
-def _torchvision_names() -> list[str]:
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+@functools.cache
+def torchvision_names() -> tuple[str, ...]:
+    """Every torchvision classifier's name, sorted."""
+    import torchvision
 
-
-def list_models(filter: str = "") -> list[str]:
-    """Names of every buildable model (probe's, then torchvision's), optionally containing ``filter``."""
-    names = list(_REGISTRY) + [n for n in _torchvision_names() if n not in _REGISTRY]
-    return [n for n in names if filter in n]
-
-
-def spec(name: str) -> ModelSpec:
-    from probe.errors import check_choice
-
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    check_choice("model.name", name, list_models())
-    size = 299 if name == "inception_v3" else 224
-    return ModelSpec(name, None, 3, size, 1000, False, "torchvision")
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))

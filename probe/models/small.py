@@ -121,15 +121,15 @@ def lenet5(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
 
 
 @register_model(channels=1, image_size=32)
-def vgg_small(in_channels: int = 1, num_classes: int = 10, **kwargs) -> nn.Module:
-    return VGGSmall(in_channels, num_classes, **kwargs)
+def vgg_small(in_channels: int = 1, num_classes: int = 10, widths=(16, 32, 64), hidden: int = 128) -> nn.Module:
+    return VGGSmall(in_channels, num_classes, widths, hidden)
 
 
 @register_model(channels=1, image_size=32)
-def resnet_small(in_channels: int = 1, num_classes: int = 10, **kwargs) -> nn.Module:
-    return ResNetSmall(in_channels, num_classes, **kwargs)
+def resnet_small(in_channels: int = 1, num_classes: int = 10, widths=(16, 32, 64), blocks: int = 1) -> nn.Module:
+    return ResNetSmall(in_channels, num_classes, widths, blocks)
 
 
 @register_model(channels=1, image_size=16)
-def tiny_cnn(in_channels: int = 1, num_classes: int = 10, **kwargs) -> nn.Module:
-    return TinyCNN(in_channels, num_classes, **kwargs)
+def tiny_cnn(in_channels: int = 1, num_classes: int = 10, width: int = 4) -> nn.Module:
+    return TinyCNN(in_channels, num_classes, width)

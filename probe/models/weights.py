@@ -21,6 +21,14 @@ from safetensors.torch import load_file
 from probe.errors import WeightsError
 
 
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def is_weights_file(weights: str) -> bool:
+    """Whether ``weights`` names a local file (by its suffix) rather than named weights (``DEFAULT`` ...)."""
+    return Path(weights).suffix in WEIGHTS_SUFFIXES
+
+
 def hub_checkpoint_path(url: str) -> Path:
     """Where torch hub keeps the file for ``url`` (``$TORCH_HOME/hub/checkpoints/<name>``)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
@@ -91,8 +99,7 @@ def torchvision_weights(model_name: str, weights: str):
     """The torchvision ``WeightsEnum`` member for ``weights`` ("DEFAULT", "IMAGENET1K_V1", or a full name)."""
     import torchvision
 
-    from probe.errors import check_choice
-    from probe.errors import ConfigError
+    from probe.errors import ConfigError, check_choice
 
     enum = torchvision.models.get_model_weights(model_name)
     name = weights.split(".")[-1]

@@ -32,11 +32,20 @@ def data_config(card: dict) -> DataConfig:
     return DataConfig(**{k: v for k, v in card["data"].items() if k in names})
 
 
+def run_data(card: dict) -> DataBundle:
+    """The data a run was trained on, as its model takes it: the recorded size, channels and normalisation,
+    labels in the model's class order."""
+    m = card["model"]
+    i = m.get("input") or {}  # cards written before model inputs were recorded: the data config's own recipe
+    return load_data(data_config(card), m["in_channels"], mean=i.get("mean"), std=i.get("std"), classes=m.get("classes"))
+
+
 def open_run(cfg: AnalysisStage) -> Context:
-    """Seed, load the run and its data split, and pick the probe images (same for every model)."""
+    """Seed, load the run (importing a model's code only when trusted: :func:`probe.pipeline.model.rebuild`)
+    and its data split (``all``: every image), and pick the probe images (same for every model)."""
     seed_everything(cfg.seed, cfg.deterministic)
-    run = load_run(cfg.run)
-    data = load_data(data_config(run.card), run.card["model"]["in_channels"])
+    run = load_run(cfg.run, trust=cfg.trust)
+    data = run_data(run.card)
     ds = data.split(cfg.data.split)
     if cfg.data.limit is not None and cfg.data.limit < len(ds):
         ds = Subset(ds, list(range(cfg.data.limit)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import re
@@ -13,49 +12,41 @@ from omegaconf import DictConfig
 
 from probe.errors import closest
 from probe.pipeline.config import to_object
+from probe.pipeline.stages import STAGES, Stage
 from probe.errors import ProbeError
 
 log = logging.getLogger("probe")
 
 
 def summary(cfg) -> None:
-    """Print the layer table of ``cfg.model``, as in the lecture, with receptive fields."""
-    from probe.models import build, spec
+    """Print the layer table of ``cfg.model`` (probe's, torchvision's, timm's or your own), as in the lecture,
+    with receptive fields."""
+    from probe.models import spec
     from probe.models.summary import format_table, layer_table
+    from probe.pipeline.model import build_model
 
-    s = spec(cfg.model.name)
-    size = cfg.image_size or s.image_size
-    model = build(cfg.model.name, weights=cfg.model.weights, **cfg.model.kwargs)
-    print(f"{cfg.model.name}: input {s.channels}x{size}x{size}")
-    print(format_table(layer_table(model, s.channels, size), model))
+    m = cfg.model
+    s = spec(m.source)
+    channels = m.input.channels or s.channels
+    size = cfg.image_size or m.input.size or s.image_size
+    model = build_model(m, channels, size)
+    print(f"{m.name}: input {channels}x{size}x{size}")
+    print(format_table(layer_table(model, channels, size), model))
 
 
-def register_schemas(stages: dict[str, type]) -> None:
-    """Store each stage's dataclass as ``<stage>_schema`` for its primary config's defaults list."""
+def register_schemas(configs: dict[str, type]) -> None:
+    """Store each schema as ``<config>_schema`` for the defaults list of primary config ``<config>.yaml``."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
-    for stage, schema in stages.items():
-        cs.store(name=f"{stage}_schema", node=schema)
+    for config, schema in configs.items():
+        cs.store(name=f"{config}_schema", node=schema)
 
 
-# stage name -> (function "module:name", config dataclass "module:name")
-STAGES = {
-    "train": ("probe.pipeline.train:train", "probe.pipeline.config:TrainStage"),
-    "summary": ("probe.pipeline.cli:summary", "probe.pipeline.config:SummaryStage"),
-    "activations": ("probe.pipeline.activations.stage:run", "probe.pipeline.activations.config:ActivationsStage"),
-    "activations_merge": ("probe.pipeline.activations.stage:merge", "probe.pipeline.activations.config:ActivationsMergeStage"),
-    "synthesize": ("probe.pipeline.synthesis.stage:run", "probe.pipeline.synthesis.config:SynthesizeStage"),
-    "geometry": ("probe.pipeline.geometry.stage:run", "probe.pipeline.geometry.config:GeometryStage"),
-    "saliency": ("probe.pipeline.saliency.stage:run", "probe.pipeline.saliency.config:SaliencyStage"),
-    "report": ("probe.pipeline.report.stage:run", "probe.pipeline.report.config:ReportStage"),
-    "weights": ("probe.pipeline.weights:run", "probe.pipeline.weights:WeightsStage"),
-}
-
-
-def _load(ref: str):
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
+def register(record: Stage) -> None:
+    """What Hydra needs in its ConfigStore to compose ``record``'s primary config: its schema, the model options."""
+    register_schemas({record.config: record.load_schema()})
+    _register_model_options()
 
 
 def _one_line(e: BaseException) -> str:
@@ -67,7 +58,8 @@ def _one_line(e: BaseException) -> str:
         options = re.findall(r"^\t(\S+)$", text, flags=re.M)
         return f"{group}: '{value}' is not allowed{closest(value, options)}; allowed: {', '.join(options[:15])}"
     cause = e.__cause__ or e.__context__
-    unknown = _unknown_key(cause)
+    override = re.match(r"Could not override '([^']+)'", text)
+    unknown = _unknown_key(cause, override.group(1) if override else None)
     if unknown:
         return unknown
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -78,10 +70,13 @@ def _one_line(e: BaseException) -> str:
     return f"{key.split(':', 1)[1].strip()}: {first}" if key and key.split(':', 1)[1].strip() else first
 
 
-def _unknown_key(cause) -> str | None:
-    """``key: unknown key (did you mean 'x'?); allowed: ...`` for an override of a key the schema lacks."""
-    from omegaconf import DictConfig
+def _unknown_key(cause, override: str | None) -> str | None:
+    """``key: unknown key (did you mean 'x'?); allowed: ...`` for an override of a key the schema lacks
+    (``override``: the key as the command gave it, when Hydra's message names it)."""
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from probe.pipeline.config import unknown_key_message
 
     if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not getattr(cause, "key", None):
         return None
@@ -89,28 +84,18 @@ def _unknown_key(cause) -> str | None:
     if not isinstance(parent, DictConfig):
         return None
     keys = [str(k) for k in parent.keys() if k != "hydra"]
-    key = cause.full_key or cause.key
-    return f"{key}: unknown key{closest(cause.key, keys)}; allowed: {', '.join(keys)}"
+    key = override or cause.full_key or cause.key
+    return unknown_key_message(key, keys, OmegaConf.get_type(parent._get_root()))
 
 
 def _register_model_options() -> None:
-    """Every buildable model is an option of the ``model`` group: ``model=resnet50`` works."""
-    from hydra.core.config_store import ConfigStore
+    """Every model is an option of the ``model`` group: ``model=resnet50``, ``model=timm:resnet18``,
+    ``model=mypkg.nets:make_net``, a study's ``conf/model/<name>.yaml`` (:func:`probe.pipeline.model.register_options`)."""
+    from probe.pipeline.model import register_options
 
-    from probe.models import list_models
-
-    cs = ConfigStore.instance()
-    for name in list_models():
-        cs.store(group="model", name=name, node={"name": name})
+    register_options()
 
 
-# stage -> (attribute path, key in messages) of the config values that name layers of the run's model
-LAYER_KEYS = {
-    "activations": (("layers", "layers"), ("feature_map_layers", "feature_map_layers")),
-    "saliency": (("saliency.gradcam_layer", "saliency.gradcam_layer"),),
-    "synthesize": (("synthesis.layers", "synthesis.layers"), ("synthesis.dream.layer", "synthesis.dream.layer")),
-    "geometry": (("layers", "layers"),),
-}
 MAX_PRECHECKS = 64  # sweeps: at most this many compositions are checked up front
 
 
@@ -145,7 +130,7 @@ def _precheck(stage: str, overrides: list[str]) -> None:
     from probe.pipeline.config import AnalysisStage
 
     with initialize_config_module(config_module="probe.pipeline.conf", version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=overrides)
+        cfg = compose(config_name=STAGES[stage].config, overrides=overrides)
     if "run_dir" in cfg and OmegaConf.is_interpolation(cfg, "run_dir"):
         cfg.run_dir = "."  # ${hydra:runtime.output_dir}: only known once Hydra runs the job
     obj = to_object(cfg)
@@ -162,24 +147,23 @@ def _precheck(stage: str, overrides: list[str]) -> None:
 
 
 def _check_layers(stage: str, obj, card: dict) -> None:
-    keys = LAYER_KEYS.get(stage, ())
+    """The run's model is one this command may import (:func:`probe.pipeline.model.trusted_source`), and it
+    has the layers the config names (built without weights: layer names do not depend on them)."""
+    from probe.hooks import resolve_layers
+    from probe.pipeline.model import rebuild, trusted_source
+
+    where = f"{obj.run}/card.json"
+    trusted_source(card, where, obj.trust)
     wanted = []
-    for path, key in keys:
+    for key in STAGES[stage].layer_keys:
         value = obj
-        for part in path.split("."):
+        for part in key.split("."):
             value = getattr(value, part, None)
         if value:
             wanted.append((key, [value] if isinstance(value, str) else list(value)))
     if not wanted:
         return
-    from probe.capture import resolve_layers
-    from probe.models import build
-
-    m = card["model"]
-    try:  # the architecture only (no weights): layer names do not depend on them
-        model = build(m["name"], in_channels=m["in_channels"], num_classes=m["num_classes"], **m.get("kwargs", {}))
-    except Exception:  # the stage itself reports a model it cannot build
-        return
+    model = rebuild(card, where, trust=obj.trust)
     for key, names in wanted:
         resolve_layers(model, names, key)
 
@@ -191,23 +175,41 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: probe <stage> [hydra overrides]   stages: {', '.join(STAGES)}\n"
-              "       probe <stage> --help   shows the stage's config")
+              "       probe <stage> --help   shows the stage's config\n"
+              "       probe init DIR          a study of your own: conf/, params.yaml, dvc.yaml calling probe\n"
+              "       probe --version         the installed probe's version\n"
+              "       probe --expect-version V <stage> ...   runs the stage only where probe V is installed")
         return 0
-    stage, rest = argv[0], argv[1:]
+    from probe.pipeline import init
+
+    if argv[0] == "--version":
+        print(f"probe {init.installed_version()}")
+        return 0
+    if argv[0] == "--expect-version":
+        mismatch = init.version_mismatch(argv[1] if len(argv) > 1 else "")
+        if mismatch:
+            print(f"probe: error: {mismatch}", file=sys.stderr)
+            return 2
+        argv = argv[2:]
+    if argv[:1] == ["init"]:
+        return init.main(argv[1:])
+    stage, rest = (argv[0], argv[1:]) if argv else ("", [])
     if stage not in STAGES:
-        print(f"probe: error: stage '{stage}' is not allowed{closest(stage, STAGES)}; allowed: {', '.join(STAGES)}",
+        commands = [*STAGES, "init"]
+        print(f"probe: error: stage '{stage}' is not allowed{closest(stage, commands)}; allowed: {', '.join(commands)}",
               file=sys.stderr)
         return 2
-    func, schema = _load(STAGES[stage][0]), _load(STAGES[stage][1])
-    register_schemas({stage: schema})
-    _register_model_options()
+    record = STAGES[stage]
+    func = record.load_function()
+    register(record)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us; we print them as one line
 
     multirun = any(a in ("-m", "--multirun") for a in rest)
     overrides = [a for a in rest if a not in ("-m", "--multirun")]
+    init.use_study_folder()  # the current folder's conf/ after probe's own configs, its modules importable
     failures: list[ProbeError] = []
 
-    @hydra.main(config_path="conf", config_name=stage, version_base="1.3")
+    @hydra.main(config_path="conf", config_name=record.config, version_base="1.3")
     def app(cfg: DictConfig) -> None:
         try:
             func(to_object(cfg))

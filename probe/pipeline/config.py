@@ -7,15 +7,17 @@ are checked in ``__post_init__``, which runs when a stage calls :func:`to_object
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from probe.errors import ConfigError, check_choice, check_range, closest  # noqa: F401  (re-exported)
+from probe.pipeline.model import InputConfig, ModelConfig, check_model  # noqa: F401  (the model group's schema)
 
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")
 DEVICES = ("auto", "cpu", "cuda")
+SPLITS = ("train", "val", "test", "all")
 
 
 @dataclass
@@ -42,20 +44,6 @@ class DataConfig:
         check_range("data.test_fraction", self.test_fraction, 0.0, 0.5, low_open=True)
         check_range("data.batch_size", self.batch_size, 1)
         check_range("data.num_workers", self.num_workers, 0)
-
-
-@dataclass
-class ModelConfig:
-    name: str = "lenet5"
-    # torchvision weights name ("DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1")
-    # looked up in the torch hub cache, or a local .safetensors / .pt file
-    weights: Optional[str] = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        from probe.models import list_models
-
-        check_choice("model.name", self.name, list_models())
 
 
 @dataclass
@@ -93,6 +81,7 @@ class TrainStage:
     def __post_init__(self) -> None:
         check_range("seed", self.seed, 0)
         check_choice("device", self.device, DEVICES)
+        check_model(self.model, self.data)  # your own model is built and checked before anything is written
 
 
 @dataclass
@@ -106,13 +95,13 @@ class SummaryStage:
 class AnalysisData:
     """Which images an analysis stage reads; the dataset itself is the one recorded in the run's card."""
 
-    split: str = "test"
+    split: str = "test"  # train | val | test | all (every image of the dataset, in its own order)
     batch_size: int = 128
     limit: Optional[int] = None  # only the first `limit` images of the split
     probe_per_class: int = 1  # fixed probe images (same for every model): this many per class
 
     def __post_init__(self) -> None:
-        check_choice("data.split", self.split, ("train", "val", "test"))
+        check_choice("data.split", self.split, SPLITS)
         check_range("data.batch_size", self.batch_size, 1)
         check_range("data.limit", self.limit, 1)
         check_range("data.probe_per_class", self.probe_per_class, 1)
@@ -124,6 +113,9 @@ class AnalysisStage:
 
     run: str = MISSING  # the run dir to analyse
     data: AnalysisData = field(default_factory=AnalysisData)
+    # import paths a run's card may name (beside those the study's conf/model/*.yaml configure): a run dir
+    # from elsewhere never makes probe import code the command did not name
+    trust: list[str] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"
     deterministic: bool = True
@@ -139,8 +131,7 @@ def to_object(cfg: DictConfig):
 
     unknown = unknown_keys(OmegaConf.to_container(cfg, resolve=False), _schema_of(cfg))
     if unknown:
-        key, allowed = unknown[0]
-        raise ConfigError(f"{key}: unknown key{closest(key.rsplit('.', 1)[-1], allowed)}; allowed: {', '.join(allowed)}")
+        raise ConfigError(unknown_key_message(*unknown[0], _schema_of(cfg)))
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError:
@@ -170,6 +161,28 @@ def unknown_keys(node: dict, schema, prefix: str = "") -> list[tuple[str, list[s
             sub = _field_type(schema, k)
             out += unknown_keys(v, sub, f"{prefix}{k}.")
     return out
+
+
+def declared_keys(schema, prefix: str = "") -> list[str]:
+    """Every dotted key that dataclass ``schema`` declares, those of its nested dataclasses included."""
+    out = []
+    for f in fields(schema):
+        out.append(prefix + f.name)
+        sub = _field_type(schema, f.name)
+        if sub is not None:
+            out += declared_keys(sub, f"{prefix}{f.name}.")
+    return out
+
+
+def unknown_key_message(key: str, allowed: list[str], schema) -> str:
+    """``key: unknown key (did you mean 'x'?); allowed: ...`` for a dotted ``key`` that ``schema`` lacks, where
+    ``allowed`` are the keys declared beside its first unknown part. The hint is the shallowest declared key
+    that ends with ``key`` when there is one (``layers`` -> ``activations.layers``: a key that lives in its
+    stage's namespace), else the allowed key closest to the last part."""
+    moved = [k for k in declared_keys(schema) if k.endswith(f".{key}")] if is_dataclass(schema) else []
+    shallowest = [k for k in moved if k.count(".") == min((m.count(".") for m in moved), default=0)]
+    hint = f" (did you mean '{shallowest[0]}'?)" if len(shallowest) == 1 else closest(key.rsplit(".", 1)[-1], allowed)
+    return f"{key}: unknown key{hint}; allowed: {', '.join(allowed)}"
 
 
 def _field_type(schema, name: str):

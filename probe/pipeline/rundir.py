@@ -17,16 +17,16 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch.nn as nn
 from safetensors.torch import save_file
 
 from probe.errors import RunDirError
+from probe.files import dir_mode, file_mode
+from probe.pipeline.stages import SHARDS_DIR, run_dir_folders  # noqa: F401  (SHARDS_DIR re-exported)
 
 CARD_VERSION = 1
-# what the analysis stages write into a run dir, all computed from its weights
-SHARDS_DIR = "activations_shards"  # partial statistics of `probe activations shard=i/n`
-ANALYSES = ("activations", SHARDS_DIR, "saliency", "synthesis", "geometry")
 CARD_KEYS = ("card_version", "run_name", "model", "data", "params_total", "layers", "metrics", "seed")
 
 
@@ -35,10 +35,10 @@ def save_weights(model: nn.Module, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)
     os.close(fd)
     try:
-        save_file(state, tmp)
+        save_file(state, tmp)  # writes a new file: its mode is set after
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -75,8 +75,9 @@ def clean_stale(final: Path) -> None:
 
 
 def remove_analyses(run_dir: Path) -> list[str]:
-    """Remove the analysis folders of ``run_dir`` (before its weights are replaced); return their names."""
-    gone = [name for name in ANALYSES if (Path(run_dir) / name).exists()]
+    """Remove what the stages wrote into ``run_dir``, all computed from its weights (before they are replaced);
+    return the folders' names."""
+    gone = [name for name in run_dir_folders() if (Path(run_dir) / name).exists()]
     for name in gone:
         shutil.rmtree(Path(run_dir) / name)
     return gone
@@ -93,7 +94,7 @@ def staged_dir(final: Path):
     clean_stale(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{socket.gethostname()}-{os.getpid()}.",
                                 suffix=".tmp"))
-    tmp.chmod(0o755)
+    tmp.chmod(dir_mode())
     try:
         yield tmp
     except BaseException:
@@ -161,14 +162,16 @@ class Run:
         return self.card["run_name"]
 
 
-def load_run(run_dir: str | Path) -> Run:
-    from probe.models import build
+def load_run(run_dir: str | Path, trust: Sequence[str] = ()) -> Run:
+    """The run in ``run_dir``, its model rebuilt from the card with the run's weights. A card whose model is
+    built by an import path is refused unless the current study configures it or ``trust`` names it
+    (:func:`probe.pipeline.model.rebuild`)."""
+    from probe.pipeline.model import rebuild
 
     run_dir = Path(run_dir)
     card = read_card(run_dir)
-    m = card["model"]
     weights = run_dir / "model.safetensors"
     if not weights.is_file():
         raise RunDirError(f"{run_dir}: card.json present but model.safetensors missing")
-    model = build(m["name"], in_channels=m["in_channels"], num_classes=m["num_classes"], weights=str(weights), **m["kwargs"])
+    model = rebuild(card, str(run_dir / "card.json"), weights=str(weights), trust=trust)
     return Run(run_dir, card, model)

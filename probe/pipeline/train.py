@@ -6,7 +6,7 @@ import csv
 import io
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -19,9 +19,10 @@ from tqdm import tqdm
 from probe.pipeline.config import TrainStage
 from probe.data import DataBundle, load_data
 from probe.errors import ConfigError, NumericalError
-from probe.models import build, spec
+from probe.models import spec
 from probe.models.summary import layer_table
 from probe.models.weights import load_into, read_state_dict
+from probe.pipeline.model import build_model, card_section, model_input
 from probe.pipeline.rundir import CARD_VERSION, git_commit, library_versions, remove_analyses, save_weights
 from probe.files import write_bytes, write_json
 from probe.runtime import autocast, fast_model, pick_device, pin_memory, seed_everything, to_device_batch
@@ -51,20 +52,23 @@ def evaluate(model: nn.Module, dl: DataLoader, device: torch.device) -> tuple[fl
     return (loss_sum / max(n, 1)).item(), correct.item() / max(n, 1)
 
 
-def model_for(cfg: TrainStage) -> tuple[nn.Module, DataBundle, dict]:
-    """Build the model and its data so that channels and classes agree."""
-    s = spec(cfg.model.name)
-    channels = cfg.data.channels or s.channels
-    data = load_data(cfg.data, channels)
-    pretrained_tv = s.source == "torchvision" and cfg.model.weights is not None
-    num_classes = None if pretrained_tv else data.num_classes
-    if s.fixed_size and cfg.data.image_size != s.image_size:
-        raise ConfigError(f"data.image_size: {cfg.model.name} accepts {s.image_size}x{s.image_size} inputs only; got {cfg.data.image_size}")
-    model = build(cfg.model.name, in_channels=channels, num_classes=num_classes, weights=cfg.model.weights, **cfg.model.kwargs)
-    out_features = model(torch.zeros(1, channels, cfg.data.image_size, cfg.data.image_size)).shape[-1]
-    model_card = {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs), "weights": cfg.model.weights,
-                  "in_channels": channels, "num_classes": int(out_features)}
-    return model, data, model_card
+def model_for(cfg: TrainStage) -> tuple[nn.Module, DataBundle, dict, dict]:
+    """Build the model and its data so that input and classes agree: images of the model's input (size,
+    channels, normalisation), labels in its class order. Returns the model, the data, the data's and the
+    model's sections of the card."""
+    m = cfg.model
+    i = model_input(m, cfg.data)
+    data_cfg = replace(cfg.data, image_size=i.size, channels=i.channels)
+    data = load_data(data_cfg, i.channels, mean=i.mean, std=i.std, classes=m.classes)
+    # named torchvision / timm weights come with their own classifier; every other model gets the data's classes
+    pretrained = spec(m.source).source in ("torchvision", "timm") and m.weights is not None
+    model = build_model(m, i.channels, i.size, None if pretrained else data.num_classes)
+    model_card = card_section(m, model, data)
+    if model_card["num_classes"] < data.num_classes:
+        raise ConfigError(f"{m.where()}model: {m.name} returns {model_card['num_classes']} class scores, the data has "
+                          f"{data.num_classes} classes ({', '.join(data.classes[:8])}{', ...' if data.num_classes > 8 else ''}); "
+                          f"give the model as many (model.kwargs) or name its classes (model.classes)")
+    return model, data, {**asdict(data_cfg), **data.card()}, model_card
 
 
 def _optimizer(model: nn.Module, cfg: TrainStage) -> torch.optim.Optimizer:
@@ -79,7 +83,7 @@ def train(cfg: TrainStage) -> Path:
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.device)
-    model, data, model_card = model_for(cfg)
+    model, data, data_card, model_card = model_for(cfg)
     # the card marks a complete run: remove it first, so that an interrupted run looks incomplete;
     # then the analyses of the weights about to be replaced
     (run_dir / "card.json").unlink(missing_ok=True)
@@ -161,7 +165,7 @@ def train(cfg: TrainStage) -> Path:
         "card_version": CARD_VERSION,
         "run_name": run_dir.resolve().name,
         "model": model_card,
-        "data": {**asdict(cfg.data), **data.card()},
+        "data": data_card,
         "params_total": metrics["params_total"],
         "layers": [r.as_dict() for r in layer_table(model, data.channels, data.image_size)],
         "metrics": metrics,

@@ -23,11 +23,15 @@ Holm-adjusts the p-values over its family (every method x {deletion, insertion})
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 
 from probe.saliency.batching import map_batches
+from probe.saliency.road import DEFAULT_FRACTIONS, road_auc, road_curves
 from probe.uncertainty import Comparison, paired_comparison
 
 ORDER_CHUNK_ELEMENTS = 1 << 23  # random orders are scored in chunks of at most this many (order x pixel) ranks
@@ -151,3 +155,28 @@ def verdict(c: Comparison, metric: str, alpha: float = 0.05) -> str:
         return "not distinguishable from random"
     better = c.effect < 0 if metric == "deletion" else c.effect > 0
     return "better than random" if better else "worse than random"
+
+
+def faithfulness_metrics(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, maps: torch.Tensor, *,
+                         substrate: torch.Tensor | None = None, steps: int = 16,
+                         fractions: Sequence[float] | None = None, noise_std: float = 0.01, seed: int = 0,
+                         batch_size: int = 512) -> pd.DataFrame:
+    """How faithful attribution ``maps`` (N, H, W) of images ``x`` (N, C, H, W) are to ``model``, per image.
+
+    One row per image: ``deletion_auc`` (lower is better) and ``insertion_auc`` (higher is better), the RISE
+    curves of :func:`deletion_insertion_auc` with ``steps`` steps and pixels going to / coming from
+    ``substrate`` (default zeros in ``x``'s units: pass the normalised black image for RISE's black), and
+    ROAD's ``road_morf_auc`` (lower is better) and ``road_lerf_auc`` (higher is better) over ``fractions``
+    (default :data:`probe.saliency.road.DEFAULT_FRACTIONS`) with imputation noise ``noise_std`` in ``x``'s units
+    (:func:`probe.saliency.road.road_curves`). Every score is the softmax probability of ``target`` (N,) (or
+    one class for all). To compare with chance, score random orders the same way (:func:`random_order_aucs`).
+    """
+    target = torch.as_tensor(target, device=x.device).long().expand(len(x))
+    substrate = torch.zeros_like(x) if substrate is None else substrate
+    fractions = list(DEFAULT_FRACTIONS if fractions is None else fractions)
+    d, i = deletion_insertion_auc(model, x, target, attribution_order(maps.to(x.device)), substrate, steps, batch_size)
+    road = {o: road_auc(road_curves(model, x, target, maps, fractions, o, noise_std, seed, batch_size), fractions)
+            for o in ("morf", "lerf")}
+    return pd.DataFrame({"target": target.cpu().numpy(), "deletion_auc": d.cpu().double().numpy(),
+                         "insertion_auc": i.cpu().double().numpy(), "road_morf_auc": road["morf"],
+                         "road_lerf_auc": road["lerf"]})

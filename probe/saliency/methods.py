@@ -17,13 +17,17 @@ Reduction over input channels, per method (:data:`REDUCTION`):
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 from captum.attr import (GuidedBackprop, InputXGradient, IntegratedGradients, LayerAttribution, LayerGradCam,
                          NoiseTunnel, Occlusion, Saliency)
+
+from probe.errors import check_choice
+from probe.saliency.batching import map_batches
+from probe.saliency.prepare import attribution_copy, gradcam_layer
 
 Reference = Callable[[torch.Tensor], torch.Tensor]  # images (N, C, H, W) -> reference images, same shape
 
@@ -109,6 +113,38 @@ def attribute(method: str, model: nn.Module, x: torch.Tensor, target: torch.Tens
 def reduce_channels(attr: torch.Tensor, method: str) -> torch.Tensor:
     """(N, C, H, W) -> (N, H, W): sum of absolute values or signed sum, as :data:`REDUCTION` says."""
     return (attr.abs() if REDUCTION[method] == "abs" else attr).sum(1)
+
+
+def compute_maps(method: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, s: MethodSettings,
+                 batch_size: int = 64) -> torch.Tensor:
+    """Maps (N, H, W) float32 on the CPU of ``method`` on the attribution copy ``model``
+    (:func:`probe.saliency.prepare.attribution_copy`), reduced over channels (:func:`reduce_channels`), in chunks of
+    ``batch_size`` images (halved on out-of-memory)."""
+    def chunk(lo: int, hi: int) -> torch.Tensor:
+        return reduce_channels(attribute(method, model, x[lo:hi], target[lo:hi], s), method).float().cpu()
+
+    return map_batches(chunk, len(x), batch_size, what=f"saliency {method}")
+
+
+def attribution_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, method: str = "saliency",
+                     settings: MethodSettings | None = None, batch_size: int = 64) -> torch.Tensor:
+    """Attribution maps (N, H, W) of ``model``'s class score (the logit, before any final (log-)softmax) for
+    images ``x`` (N, C, H, W), as the model takes them, and ``target`` class indices (N,) (or one for all).
+
+    ``method``: one of :data:`METHODS` (Captum underneath), reduced over input channels as :data:`REDUCTION`
+    says; its knobs in ``settings`` (default :class:`MethodSettings`; ``gradcam_layer`` None: the last
+    rectified convolutional block, :func:`probe.saliency.prepare.default_gradcam_layer`). ``model`` is not
+    changed: the methods run on a copy (:func:`probe.saliency.prepare.attribution_copy`).
+
+    >>> maps = attribution_maps(model, x, y, "integrated_gradients", MethodSettings(ig_steps=64))
+    """
+    check_choice("method", method, METHODS)
+    target = torch.as_tensor(target, device=x.device).long().expand(len(x))
+    amodel = attribution_copy(model, x[:1])
+    s = settings or MethodSettings()
+    if method == "grad_cam":
+        s = replace(s, gradcam_layer=gradcam_layer(amodel, x[:1], s.gradcam_layer, key="settings.gradcam_layer"))
+    return compute_maps(method, amodel, x, target, s, batch_size)
 
 
 def occlusion_geometry(image_side: int, window: float, stride: float) -> tuple[int, int]:

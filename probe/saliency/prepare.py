@@ -22,7 +22,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from probe.capture import resolve_layers
+from probe.hooks import check_layers
 from probe.errors import ConfigError
 from probe.models.head import logits_model, softmax_head
 from probe.trace import ForwardTrace, Key, trace_forward
@@ -66,8 +66,9 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
-def default_gradcam_layer(model: nn.Module, x: torch.Tensor) -> tuple[str, str]:
-    """(layer, rule): the default Grad-CAM layer of ``model`` on inputs like ``x``, and which rule chose it.
+def default_gradcam_layer(model: nn.Module, x: torch.Tensor, key: str = "gradcam_layer") -> tuple[str, str]:
+    """(layer, rule): the default Grad-CAM layer of ``model`` on inputs like ``x``, and which rule chose it
+    (none found: :class:`probe.errors.ConfigError` naming ``key``).
 
     Grad-CAM is defined on the rectified feature maps of the last convolutional layer (Selvaraju et
     al. 2017, section 3), i.e. the output of the last convolutional block after its non-linearity.
@@ -107,13 +108,14 @@ def default_gradcam_layer(model: nn.Module, x: torch.Tensor) -> tuple[str, str]:
             name = _innermost_once(tr, c.output, once)
             if name is not None:
                 return name, "last feature map"
-    raise ConfigError("saliency.gradcam_layer: the model has no layer with a 4-D output larger than 1x1 that is "
-                      "called once; name a layer (or drop grad_cam from saliency.methods)")
+    raise ConfigError(f"{key}: the model has no layer with a 4-D output larger than 1x1 that is "
+                      "called once; name a layer (or leave grad_cam out)")
 
 
-def gradcam_layer(model: nn.Module, x: torch.Tensor, name: str | None) -> str:
-    """``name`` checked against the model, or :func:`default_gradcam_layer`."""
+def gradcam_layer(model: nn.Module, x: torch.Tensor, name: str | None, key: str = "gradcam_layer") -> str:
+    """``name`` checked against the model (an unknown one raises :class:`probe.errors.LayerNotFound` naming
+    ``key``), or :func:`default_gradcam_layer` (``x``: inputs like the images to attribute)."""
     if name is not None:
-        resolve_layers(model, [name], key="saliency.gradcam_layer")
+        check_layers(model, [name], key=key)
         return name
-    return default_gradcam_layer(model, x)[0]
+    return default_gradcam_layer(model, x, key)[0]

@@ -24,7 +24,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from probe.saliency.ssim import minmax, ssim
+from probe.images import minmax
+from probe.saliency.ssim import ssim
 
 
 @torch.no_grad()
@@ -106,4 +107,4 @@ def compare_maps(original: torch.Tensor, randomised: torch.Tensor) -> dict[str, 
     a, b = original.abs(), randomised.abs()
     rho_i, count = spearman_informative(a, b)
     return {"spearman": spearman(a, b), "spearman_informative": rho_i, "informative_pixels": count,
-            "ssim": ssim(minmax(a.double()), minmax(b.double()))}
+            "ssim": ssim(minmax(a.double(), (1, 2), eps=1e-12), minmax(b.double(), (1, 2), eps=1e-12))}

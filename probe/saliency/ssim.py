@@ -27,14 +27,6 @@ def window_size(h: int, w: int) -> int:
     return side if side % 2 else side - 1
 
 
-def minmax(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Each map (N, H, W) scaled to [0, 1]; a constant map becomes zeros (no division by ~0)."""
-    flat = maps.flatten(1)
-    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    span = hi - lo
-    return torch.where(span > eps, (flat - lo) / span.clamp_min(eps), torch.zeros_like(flat)).view_as(maps)
-
-
 def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, window: int | None = None,
          sigma: float = 1.5) -> torch.Tensor:
     """Mean SSIM (N,) between maps ``a`` and ``b`` (N, H, W), computed in float64."""

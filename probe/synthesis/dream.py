@@ -44,11 +44,11 @@ def dream_steps(model: nn.Module, x: torch.Tensor, layer: str, norm: Normalize, 
         try:
             obj = objective(forward_capture(model, norm(xs), [layer]), xs)
         except RuntimeError as e:
-            raise ConfigError(f"synthesis.dream: layer {layer} cannot run on {tuple(x.shape[2:])} images ({e}); "
-                              f"use fewer synthesis.dream.octaves or a smaller octave_scale") from None
+            raise ConfigError(f"layer: '{layer}' cannot run on {tuple(x.shape[2:])} images ({e}); "
+                              f"use fewer octaves or a smaller octave_scale") from None
         if not torch.isfinite(obj).all():
             i = int((~torch.isfinite(obj)).nonzero()[0])
-            raise NumericalError(f"synthesis.dream: objective is {float(obj[i])} for layer {layer}, image {i}{where} at step {step}")
+            raise NumericalError(f"deep dream: objective is {float(obj[i])} for layer {layer}, image {i}{where} at step {step}")
         (g,) = torch.autograd.grad(obj.sum(), xs)
         g = roll_per_image(g, -dy, -dx)
         g = g / g.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)

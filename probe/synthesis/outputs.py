@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from probe.files import write_bytes
+from probe.images import rows_of, tile_grid
 
 
 def grid_png(path: Path, images: np.ndarray, cols: int | None = None, min_tile: int = 64, gap: int = 2) -> None:
@@ -16,15 +17,9 @@ def grid_png(path: Path, images: np.ndarray, cols: int | None = None, min_tile: 
     tile is at least ``min_tile`` pixels wide, on a white background."""
     n, c, h, w = images.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
     k = max(1, int(np.ceil(min_tile / w)))
-    th, tw = h * k, w * k
-    canvas = np.ones((rows * (th + gap) + gap, cols * (tw + gap) + gap, c), dtype=np.float32)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        tile = np.asarray(images[i], dtype=np.float32).transpose(1, 2, 0).repeat(k, 0).repeat(k, 1)
-        y, x = gap + r * (th + gap), gap + q * (tw + gap)
-        canvas[y:y + th, x:x + tw] = tile
+    tiles = [np.asarray(im, dtype=np.float32).transpose(1, 2, 0).repeat(k, 0).repeat(k, 1) for im in images]
+    canvas = tile_grid(rows_of(tiles, cols), gap, 1.0)
     arr = (np.clip(np.nan_to_num(canvas, nan=0.0), 0, 1) * 255 + 0.5).astype(np.uint8)
     img = Image.fromarray(arr[:, :, 0], "L") if c == 1 else Image.fromarray(arr, "RGB")
     buf = io.BytesIO()

@@ -15,48 +15,32 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from probe.capture import Capture
 from probe.errors import NumericalError
+from probe.hooks import check_layers, layer_outputs, model_device
 from probe.models.head import logits_model, softmax_head
+from probe.synthesis import objectives
 from probe.synthesis.objectives import LOGITS, Objective
 from probe.synthesis.param import ImageParam
 from probe.synthesis.transform import Transforms
 from probe.trace import trace_forward
 
 
-class _Enough(Exception):
-    """Raised in a hook once every layer an objective needs is captured: the rest of the net is skipped."""
-
-
 def forward_capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Outputs of ``layers`` for input ``x``, with autograd; ``"logits"`` (:data:`LOGITS`) is the model's output.
+    """Outputs of ``layers`` for input ``x``, with autograd (:func:`probe.hooks.layer_outputs`); ``"logits"``
+    (:data:`LOGITS`) is the model's output.
 
     For class scores ``model`` must return them: :func:`scores_model` (what :func:`render` uses) turns a
     model ending in a (log-)softmax into one that returns the logits before it. The forward pass
-    stops as soon as every requested layer is captured, unless logits are needed. Outputs are
-    cloned inside the hook, before any in-place ReLU that follows can change them.
+    stops as soon as every requested layer is captured, unless logits are needed. Raises RuntimeError
+    naming the layers that produced no tensor output.
     """
-    acts: dict[str, torch.Tensor] = {}
     names = [n for n in dict.fromkeys(layers) if n != LOGITS]
-    need_logits = LOGITS in layers
-
-    def keep(name: str, out: torch.Tensor) -> None:
-        acts[name] = out.clone()
-        if not need_logits and len(acts) == len(names):
-            raise _Enough
-
-    with contextlib.ExitStack() as stack:
-        if names:
-            stack.enter_context(Capture(model, names, fn=keep, detach=False))
-        try:
-            out = model(x)
-            if need_logits:
-                acts[LOGITS] = out
-        except _Enough:
-            pass
+    out, acts = layer_outputs(model, x, names, output=LOGITS in layers)
     missing = [n for n in names if n not in acts]
     if missing:
         raise RuntimeError(f"layers {missing} produced no tensor output in the forward pass")
+    if out is not None:
+        acts[LOGITS] = out
     return acts
 
 
@@ -183,8 +167,8 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
             bad = ~torch.isfinite(obj.detach()) & alive
             if bad.any():
                 i = int(bad.nonzero()[0])
-                msg = (f"synthesis: objective {objective.name} is {float(obj.detach()[i])} for {labels[i]} at step {step} "
-                       f"(lower synthesis.lr, add regularisers, or set synthesis.on_nan=skip)")
+                msg = (f"render: objective {objective.name} is {float(obj.detach()[i])} for {labels[i]} at step {step} "
+                       f"(lower lr, add regularisers to the objective, or pass on_nan='skip')")
                 if on_nan == "error":
                     raise NumericalError(msg)
                 failed_step[bad.cpu()] = step
@@ -206,3 +190,33 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
             obj = objective(acts, pixels)
     return RenderResult(pixels.detach().cpu(), obj.detach().cpu(),
                         {k: v.detach().cpu() for k, v in acts.items()}, failed_step)
+
+
+def render_layer(model: nn.Module, layer: str, channels: Sequence[int] | None = None, *,
+                 input_shape: tuple[int, int, int], steps: int = 256, lr: float = 0.05,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), kind: str = "mean",
+                 param: str = "fourier", color: torch.Tensor | None = None, transforms: Transforms | None = None,
+                 seed: int = 0, redirect_relu_steps: int = 0, on_nan: str = "error") -> RenderResult:
+    """Feature visualisation of ``layer``: one image per channel, all optimised together in one batch.
+
+    Image ``i`` maximises channel ``channels[i]`` (default: every channel of the layer), its spatial mean
+    (``kind="mean"``) or squared norm (``"squared_norm"``, :func:`probe.synthesis.objectives.channel`).
+    ``input_shape``: ``(C, H, W)`` of the images; ``param``: ``"fourier"`` or ``"pixel"``
+    (:class:`probe.synthesis.param.ImageParam`; ``color``: a ``(C, C)`` colour decorrelation, e.g.
+    :func:`probe.synthesis.param.color_sqrt` of training pixels), seeded by the channel index so an image does
+    not depend on which others are rendered with it; ``mean`` / ``std``: the model's input normalisation
+    (pixels are in [0, 1]); ``transforms``: robustness transforms (default none). The rest is :func:`render`'s.
+    Returns its :class:`RenderResult`: ``pixels`` ``(len(channels), C, H, W)`` in [0, 1], ``objective`` per image.
+    """
+    check_layers(model, [layer], key="layer")
+    device = model_device(model)
+    if channels is None:
+        with torch.no_grad(), frozen(model):
+            width = forward_capture(model, torch.zeros(1, *input_shape, device=device), [layer])[layer].shape[1]
+        channels = range(width)
+    channels = [int(c) for c in channels]
+    image = ImageParam(len(channels), input_shape[0], tuple(input_shape[1:]), kind=param, color=color, seeds=channels,
+                       device=device)
+    return render(model, objectives.channel(layer, channels, kind), image, steps=steps, lr=lr, mean=mean, std=std,
+                  transforms=transforms, seed=seed, redirect_relu_steps=redirect_relu_steps,
+                  labels=[f"layer {layer} channel {c}" for c in channels], on_nan=on_nan)

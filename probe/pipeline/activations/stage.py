@@ -1,13 +1,13 @@
 """``probe activations run=<run dir>``: writes ``<run>/activations/``.
 
 Files: stats.parquet, class_means.parquet, hist.parquet, exemplars.parquet, exemplar_crops.npz,
-filters.npz, feature_maps.npz, metrics.json, PNG grids (``images=true``) and, with
-``save_state=true``, state.npz (the mergeable accumulators).
+filters.npz, feature_maps.npz, metrics.json, PNG grids (``activations.images=true``) and, with
+``activations.save_state=true``, state.npz (the mergeable accumulators).
 
-Sharded: ``probe activations run=<run> shard=i/n`` streams only images ``[i N // n, (i + 1) N // n)``
-of the split (contiguous ranges, exemplar indices stay global) and writes
+Sharded: ``probe activations run=<run> activations.shard=i/n`` streams only images
+``[i N // n, (i + 1) N // n)`` of the split (contiguous ranges, exemplar indices stay global) and writes
 ``<run>/activations_shards/<i>-of-<n>/state.npz`` + ``shard.json`` (atomically);
-``probe activations_merge run=<run> shards=n`` checks that every shard is there and was computed
+``probe activations_merge run=<run> activations.shards=n`` checks that every shard is there and was computed
 with the same layers, data, histogram settings and weights, merges them and writes the same
 ``activations/`` as one pass (counts, min, max, histograms, exemplar indices exact; sums to rounding). See stats.py for the definitions,
 rectified.py for where dead units and class selectivity are defined, and :func:`metrics` for metrics.json.
@@ -31,9 +31,9 @@ from probe.activations.grid import LogGrid
 from probe.activations.pictures import (kernel_arrays, save_crop_grid, save_feature_map_grid,
                                         save_kernel_grids)
 from probe.activations.population import collect
-from probe.activations.stats import LayerStats, PopulationStats, selectivity
+from probe.activations.stats import PopulationStats, selectivity
 from probe.pipeline.analysis import Context, open_run
-from probe.capture import Capture, resolve_layers
+from probe.hooks import layer_outputs, resolve_layers
 from probe.errors import RunDirError
 from probe.pipeline.rundir import SHARDS_DIR, staged_dir
 from probe.files import write_json, write_npz
@@ -44,11 +44,12 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: ActivationsStage) -> Path:
-    """The whole split in one pass -> ``<run>/activations/``; with ``shard=i/n`` only shard i -> its state."""
+    """The whole split in one pass -> ``<run>/activations/``; with ``activations.shard=i/n`` only shard i -> its
+    state."""
     ctx = open_run(cfg)
     model = ctx.run.model
-    layers = resolve_layers(model, cfg.layers, "layers")
-    shard = parse_shard(cfg.shard)
+    layers = resolve_layers(model, cfg.activations.layers, "activations.layers")
+    shard = parse_shard(cfg.activations.shard)
     if shard is not None:
         return run_shard(cfg, ctx, layers, *shard)
     stats, tops = _collect(cfg, ctx, layers, ctx.dataset, 0)
@@ -60,30 +61,32 @@ def _num_classes(ctx: Context) -> int:
 
 
 def _collect(cfg: ActivationsStage, ctx: Context, layers: list[str], dataset, start: int):
+    a = cfg.activations
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=False, pin_memory=pin_memory(ctx.device))
-    return collect(ctx.run.model, loader, layers, ctx.device, _num_classes(ctx),
-                   LogGrid(cfg.hist_bits, cfg.hist_octaves), cfg.top_k, cfg.hist_stride, start=start, amp=cfg.amp)
+    stats = collect(ctx.run.model, loader, layers, ctx.device, _num_classes(ctx),
+                    LogGrid(a.hist_bits, a.hist_octaves), a.top_k, a.hist_stride, start=start, amp=a.amp)
+    return stats, stats.exemplars
 
 
 def write_outputs(cfg: ActivationsStage, ctx: Context, layers: list[str], stats: PopulationStats,
                   tops: dict[str, TopK]) -> Path:
     """Everything in ``<run>/activations/`` from the accumulated statistics (single pass or merged shards)."""
-    model = ctx.run.model
+    model, a = ctx.run.model, cfg.activations
     seen = [n for n in layers if stats[n].channels is not None]
     for n in [n for n in layers if n not in seen]:
         log.warning("activations: layer %s produced no tensor output; skipped", n)
-    fm_layers = resolve_layers(model, cfg.feature_map_layers, "feature_map_layers") if cfg.feature_map_layers else \
-        [n for n in seen if stats[n].shape != (1, 1)]
+    fm_layers = resolve_layers(model, a.feature_map_layers, "activations.feature_map_layers") \
+        if a.feature_map_layers else [n for n in seen if stats[n].shape != (1, 1)]
 
     out = ctx.run.path / "activations"
     with staged_dir(out) as tmp:
-        write_tables(stats, tops, seen, ctx.labels, cfg.per_channel_hist, tmp)
-        write_crops(ctx, tops, stats, seen, cfg.crop_channels, cfg.crop_size, cfg.images, tmp)
-        write_filters(model, layers, cfg.images, tmp)
-        write_feature_maps(ctx, fm_layers, cfg.images, tmp)
+        write_tables(stats, tops, seen, ctx.labels, a.per_channel_hist, tmp)
+        write_crops(ctx, tops, stats, seen, a.crop_channels, a.crop_size, a.images, tmp)
+        write_filters(model, layers, a.images, tmp)
+        write_feature_maps(ctx, fm_layers, a.images, tmp)
         write_json(tmp / "metrics.json", metrics(stats, seen))
-        if cfg.save_state:
-            save_state(stats, tops, seen, tmp / "state.npz")
+        if a.save_state:
+            stats.save(tmp / "state.npz")
     log.info("%s: activations of %d layers over %d images", out, len(seen), len(ctx.dataset))
     return out
 
@@ -111,65 +114,50 @@ def _weights_digest(run: Path) -> str:
 
 def _shard_key(cfg: ActivationsStage, ctx: Context, layers: list[str]) -> dict:
     """What every shard of one merge must share (the merge checks it)."""
+    a = cfg.activations
     return {"images": len(ctx.dataset), "layers": list(layers), "split": cfg.data.split, "limit": cfg.data.limit,
-            "top_k": cfg.top_k, "hist_bits": cfg.hist_bits, "hist_octaves": cfg.hist_octaves,
-            "hist_stride": cfg.hist_stride, "num_classes": _num_classes(ctx), "amp": cfg.amp and ctx.device.type == "cuda",
+            "top_k": a.top_k, "hist_bits": a.hist_bits, "hist_octaves": a.hist_octaves,
+            "hist_stride": a.hist_stride, "num_classes": _num_classes(ctx), "amp": a.amp and ctx.device.type == "cuda",
             "weights_sha256": _weights_digest(ctx.run.path)}
 
 
 def run_shard(cfg: ActivationsStage, ctx: Context, layers: list[str], i: int, n: int) -> Path:
     """Statistics of shard ``i`` of ``n`` -> ``<run>/activations_shards/<i>-of-<n>/{state.npz, shard.json}``."""
     lo, hi = shard_range(len(ctx.dataset), i, n)
-    stats, tops = _collect(cfg, ctx, layers, Subset(ctx.dataset, list(range(lo, hi))), lo)
+    stats, _ = _collect(cfg, ctx, layers, Subset(ctx.dataset, list(range(lo, hi))), lo)
     out = shard_dir(ctx.run.path, i, n)
     with staged_dir(out) as tmp:
-        save_state(stats, tops, layers, tmp / "state.npz")
+        stats.save(tmp / "state.npz")
         write_json(tmp / "shard.json", {"shard": i, "shards": n, "start": lo, "stop": hi, **_shard_key(cfg, ctx, layers)})
     log.info("%s: activations shard %d/%d (images %d..%d of %d)", out, i, n, lo, hi, len(ctx.dataset))
     return out
 
 
-def load_state(path: Path, layers: list[str], top_k: int) -> tuple[PopulationStats, dict[str, TopK]]:
-    """Read what :func:`save_state` wrote (layers with no output keep empty accumulators)."""
-    grouped: dict[str, dict[str, dict]] = {"stats": {n: {} for n in layers}, "topk": {n: {} for n in layers}}
-    with np.load(path) as z:
-        for key in z.files:
-            kind, rest = key.split("/", 1)
-            name, field = rest.rsplit("/", 1)
-            grouped[kind].setdefault(name, {})[field] = z[key]
-    stats = PopulationStats({n: LayerStats.from_state(n, grouped["stats"][n]) for n in layers})
-    tops = {n: TopK.from_state(n, top_k, grouped["topk"][n]) for n in layers}
-    return stats, tops
-
-
 def merge(cfg: ActivationsMergeStage) -> Path:
-    """``probe activations_merge run=<run> shards=<n>``: shards 0..n-1 -> the single-pass ``activations/``."""
+    """``probe activations_merge run=<run> activations.shards=<n>``: shards 0..n-1 -> the single-pass
+    ``activations/``."""
     ctx = open_run(cfg)
-    layers = resolve_layers(ctx.run.model, cfg.layers, "layers")
-    n, key = cfg.shards, _shard_key(cfg, ctx, layers)
+    layers = resolve_layers(ctx.run.model, cfg.activations.layers, "activations.layers")
+    n, key = cfg.activations.shards, _shard_key(cfg, ctx, layers)
     folders = [shard_dir(ctx.run.path, i, n) for i in range(n)]
     missing = [str(f / "state.npz") for f in folders if not (f / "state.npz").is_file() or not (f / "shard.json").is_file()]
     if missing:
         raise RunDirError(f"activations_merge: {len(missing)} of {n} shards missing: {', '.join(missing)} "
-                          f"(run `probe activations run={cfg.run} shard=<i>/{n}` for each)")
-    stats = tops = None
+                          f"(run `probe activations run={cfg.run} activations.shard=<i>/{n}` for each)")
+    stats = None
     for i, f in enumerate(folders):
         info = json.loads((f / "shard.json").read_text())
         diff = sorted(k for k in key if info.get(k) != key[k])
         if diff:
             raise RunDirError(f"{f}: shard computed with other {', '.join(diff)} than this merge "
-                              f"(rerun it with the same layers/data/histogram settings on the same weights)")
+                              "(rerun it with the same activations.layers/data/histogram settings on the same "
+                              "weights)")
         if (info["start"], info["stop"]) != shard_range(key["images"], i, n):
             raise RunDirError(f"{f}: covers images {info['start']}..{info['stop']}, expected {shard_range(key['images'], i, n)}")
-        s, t = load_state(f / "state.npz", layers, cfg.top_k)
-        if stats is None:
-            stats, tops = s, t
-        else:
-            stats.merge(s)
-            for name in layers:
-                tops[name].merge(t[name])
+        shard = PopulationStats.load(f / "state.npz")
+        stats = shard if stats is None else stats.merge(shard)
     log.info("activations_merge: %d shards of %s", n, ctx.run.path)
-    return write_outputs(cfg, ctx, layers, stats, tops)
+    return write_outputs(cfg, ctx, layers, stats, stats.exemplars)
 
 
 def write_tables(stats: PopulationStats, tops: dict[str, TopK], layers: list[str], labels: np.ndarray,
@@ -295,19 +283,12 @@ def write_filters(model: torch.nn.Module, layers: list[str], images: bool, folde
 @torch.no_grad()
 def write_feature_maps(ctx: Context, layers: list[str], images: bool, folder: Path) -> None:
     """Activations of ``layers`` for the fixed probe images (float16), plus the images themselves."""
-    with Capture(ctx.run.model, layers) as cap:
-        ctx.run.model(ctx.probe_x.to(ctx.device))
+    _, outputs = layer_outputs(ctx.run.model, ctx.probe_x.to(ctx.device), layers, output=False)
     arrays = {"probe_index": np.asarray(ctx.probe_index), "probe_labels": ctx.probe_y.numpy(),
               "probe_images": ctx.data.denormalize(ctx.probe_x).clamp(0, 1).numpy().astype(np.float16)}
     for n in layers:
-        if n in cap.outputs:
-            arrays[n] = cap.outputs[n].float().cpu().numpy().astype(np.float16)
+        if n in outputs:
+            arrays[n] = outputs[n].float().cpu().numpy().astype(np.float16)
             if images and arrays[n].ndim == 4:
                 save_feature_map_grid(n, arrays[n], arrays["probe_labels"], folder)
     write_npz(folder / "feature_maps.npz", arrays)
-
-
-def save_state(stats: PopulationStats, tops: dict[str, TopK], layers: list[str], path: Path) -> None:
-    arrays = {f"stats/{n}/{k}": v for n in layers for k, v in stats[n].state().items()}
-    arrays.update({f"topk/{n}/{k}": v for n in layers for k, v in tops[n].state().items()})
-    np.savez(path, **arrays)

@@ -1,4 +1,4 @@
-"""Configuration of the geometry stage."""
+"""Configuration of the geometry stage (its keys under ``geometry.``)."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ class ShiftConfig:
 
     def __post_init__(self) -> None:
         if not self.shifts or 0 in self.shifts:
-            raise ConfigError(f"shift.shifts: {self.shifts} must be a non-empty list of non-zero pixel shifts")
+            raise ConfigError(f"geometry.shift.shifts: {self.shifts} must be a non-empty list of non-zero pixel shifts")
         for a in self.axes:
-            check_choice("shift.axes", a, ("x", "y"))
+            check_choice("geometry.shift.axes", a, ("x", "y"))
         for m in self.modes:
-            check_choice("shift.modes", m, ("circular", "zero"))
+            check_choice("geometry.shift.modes", m, ("circular", "zero"))
         if not self.axes or not self.modes:
-            raise ConfigError("shift.axes and shift.modes must not be empty")
+            raise ConfigError("geometry.shift.axes and geometry.shift.modes must not be empty")
 
 
 @dataclass
@@ -37,9 +37,9 @@ class InvarianceConfig:
 
     def __post_init__(self) -> None:
         for r in self.rotations:
-            check_range("invariance.rotations", abs(r), 0.0, 180.0)
+            check_range("geometry.invariance.rotations", abs(r), 0.0, 180.0)
         for s in self.scales:
-            check_range("invariance.scales", s, 0.0, 10.0, low_open=True)
+            check_range("geometry.invariance.scales", s, 0.0, 10.0, low_open=True)
 
 
 @dataclass
@@ -48,12 +48,12 @@ class ErfConfig:
     noise_images: int = 16  # random N(0, 1) inputs (in normalised space), as in Luo et al. 2016; 0: none
 
     def __post_init__(self) -> None:
-        check_range("erf.mass", self.mass, 0.0, 1.0, low_open=True)
-        check_range("erf.noise_images", self.noise_images, 0)
+        check_range("geometry.erf.mass", self.mass, 0.0, 1.0, low_open=True)
+        check_range("geometry.erf.noise_images", self.noise_images, 0)
 
 
 @dataclass
-class GeometryStage(AnalysisStage):
+class GeometryConfig:
     layers: list[str] = field(default_factory=list)  # []: every conv, linear and pooling layer
     shift: ShiftConfig = field(default_factory=ShiftConfig)
     invariance: InvarianceConfig = field(default_factory=InvarianceConfig)
@@ -64,4 +64,10 @@ class GeometryStage(AnalysisStage):
     figures: bool = True
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        check_range("geometry.dynamics_channels", self.dynamics_channels, 0)
+        check_range("geometry.dynamics_steps", self.dynamics_steps, 0)
+
+
+@dataclass
+class GeometryStage(AnalysisStage):
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)

@@ -11,15 +11,14 @@ import pandas as pd
 import torch
 
 from probe.pipeline.analysis import open_run
-from probe.capture import resolve_layers
+from probe.hooks import batched_layer_outputs, middle_conv, module_types, resolve_layers
 from probe.geometry import figures
 from probe.pipeline.geometry.config import GeometryStage
-from probe.geometry.dynamics import dynamics_table, middle_conv, snapshot_images, snapshot_paths
-from probe.geometry import equivariance, invariance
+from probe.geometry.dynamics import dynamics_table, snapshot_images, snapshot_paths
 from probe.geometry.erf import erf_maps, erf_rms, erf_size
 from probe.geometry.fields import LayerField, layer_fields
-from probe.geometry.forward import layer_outputs, module_types
-from probe.geometry.invariance import Transform, transforms
+from probe.geometry.invariance import transforms
+from probe.geometry.tables import transform_tables
 from probe.pipeline.rundir import staged_dir
 from probe.files import write_json, write_npz
 from probe.uncertainty import proportion_interval
@@ -53,22 +52,6 @@ def erf_table(maps: dict[str, dict], fields: dict[str, LayerField], card: dict, 
                          "centre_y": float("nan") if centre is None else centre[0],
                          "centre_x": float("nan") if centre is None else centre[1]})
     return pd.DataFrame(rows)
-
-
-def shift_tables(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, layers: list[str],
-                 fields: dict[str, LayerField], ts: list[Transform], batch_size: int,
-                 device: torch.device) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The equivariance and invariance tables from one forward pass per transform."""
-    out0, base = layer_outputs(model, x, layers, batch_size, device)
-    types = module_types(model, layers)
-    eq, inv = [], []
-    for t in ts:
-        out, acts = layer_outputs(model, t.apply(x), layers, batch_size, device)
-        if t.kind == "shift":
-            eq += equivariance.equivariance_rows(base, acts, layers, fields, types, t.mode, t.axis, int(t.amount),
-                                                   x.shape[-2 if t.axis == "y" else -1])
-        inv += invariance.invariance_rows(t, out0, base, out, acts, y, layers, types)
-    return pd.DataFrame(eq, columns=equivariance.COLUMNS), invariance.invariance_frame(inv)
 
 
 def deepest_conv(table: pd.DataFrame, fields: dict[str, LayerField]) -> str | None:
@@ -156,36 +139,36 @@ def headline(eq: pd.DataFrame, inv: pd.DataFrame, erf: pd.DataFrame, fields: dic
 def run(cfg: GeometryStage) -> Path:
     """Measure the run's geometry and write ``<run>/geometry/``; return that folder."""
     ctx = open_run(cfg)
-    model, device, card = ctx.run.model, ctx.device, ctx.run.card
-    layers = call_order(card, resolve_layers(model, cfg.layers))
+    model, device, card, g = ctx.run.model, ctx.device, ctx.run.card, cfg.geometry
+    layers = call_order(card, resolve_layers(model, g.layers, "geometry.layers"))
     x, y = ctx.probe_x, ctx.probe_y
     bs = cfg.data.batch_size
     mean, std = torch.tensor(ctx.data.mean).view(1, -1, 1, 1), torch.tensor(ctx.data.std).view(1, -1, 1, 1)
     fill = (0.0 - mean) / std  # black, normalised
-    _, example_outs = layer_outputs(model, x[:1], layers, bs, device)
+    _, example_outs = batched_layer_outputs(model, x[:1], layers, bs, device)
     fields = layer_fields(model, x[:1].to(device), example_outs)
     types = module_types(model, layers)
-    s = cfg.shift
-    ts = transforms(s.shifts, s.axes, s.modes, cfg.invariance.rotations, cfg.invariance.scales, fill)
-    eq, inv = shift_tables(model, x, y, layers, fields, ts, bs, device)
+    s = g.shift
+    ts = transforms(s.shifts, s.axes, s.modes, g.invariance.rotations, g.invariance.scales, fill)
+    eq, inv = transform_tables(model, x, layers, ts, y=y, fields=fields, batch_size=bs, device=device)
 
     inputs = {"probe": x}
-    if cfg.erf.noise_images:
-        g = torch.Generator().manual_seed(cfg.seed)
-        inputs["noise"] = torch.randn((cfg.erf.noise_images, *x.shape[1:]), generator=g)
+    if g.erf.noise_images:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        inputs["noise"] = torch.randn((g.erf.noise_images, *x.shape[1:]), generator=gen)
     maps = {k: erf_maps(model, v, layers, device) for k, v in inputs.items()}
     image_size = int(x.shape[-1])
-    erf = erf_table(maps, fields, card, types, layers, cfg.erf.mass, image_size)
+    erf = erf_table(maps, fields, card, types, layers, g.erf.mass, image_size)
 
-    snaps = snapshot_paths(ctx.run.path) if cfg.dynamics else []
+    snaps = snapshot_paths(ctx.run.path) if g.dynamics else []
     dyn, filters = dynamics_table(model, x, snaps, bs, device) if snaps else (None, {})
     conv = middle_conv(model)
     synth, synth_rows = {}, None
-    if snaps and conv is not None and cfg.dynamics_steps and cfg.dynamics_channels:
+    if snaps and conv is not None and g.dynamics_steps and g.dynamics_channels:
         width = dict(model.named_modules())[conv].out_channels
-        synth, synth_rows = snapshot_images(model, snaps, conv, list(range(min(cfg.dynamics_channels, width))),
+        synth, synth_rows = snapshot_images(model, snaps, conv, list(range(min(g.dynamics_channels, width))),
                                             int(x.shape[1]), int(x.shape[-1]), ctx.data.mean, ctx.data.std,
-                                            cfg.dynamics_steps, device)
+                                            g.dynamics_steps, device)
 
     out_dir = ctx.run.path / "geometry"
     with staged_dir(out_dir) as tmp:
@@ -199,7 +182,7 @@ def run(cfg: GeometryStage) -> Path:
         if synth:
             write_npz(tmp / "dynamics_synthesis.npz", synth)
             synth_rows.to_parquet(tmp / "dynamics_synthesis.parquet", index=False)
-        if cfg.figures:
+        if g.figures:
             figures.erf_heatmaps({k: {n: m for n, (m, _) in per.items()} for k, per in maps.items()}, tmp / "erf_heatmaps.png")
             figures.erf_vs_depth(erf, tmp / "erf_vs_depth.png")
             if len(eq):
@@ -207,6 +190,6 @@ def run(cfg: GeometryStage) -> Path:
             figures.shift_survival(inv, tmp / "shift_survival.png")
             if dyn is not None:
                 figures.dynamics(dyn, filters, tmp / "dynamics.png", tmp / "dynamics_filters.png")
-        write_json(tmp / "metrics.json", headline(eq, inv, erf, fields, chance_agreement(layer_outputs(model, x, [], bs, device)[0].argmax(1))))
+        write_json(tmp / "metrics.json", headline(eq, inv, erf, fields, chance_agreement(batched_layer_outputs(model, x, [], bs, device)[0].argmax(1))))
     log.info("%s: geometry of %d layers on %d probe images written", out_dir, len(layers), len(x))
     return out_dir

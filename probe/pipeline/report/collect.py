@@ -14,27 +14,20 @@ from omegaconf import OmegaConf
 
 from probe.errors import RunDirError
 from probe.pipeline.rundir import read_card
-
-# stage folder -> the command that writes it (see stage_command)
-STAGE_COMMANDS = {
-    "activations": "probe activations",
-    "saliency": "probe saliency",
-    "synthesis": "probe synthesize",
-    "geometry": "probe geometry",
-}
+from probe.pipeline.stages import result_folders, writer
 
 
-def stage_command(stage: str, run: Path) -> str:
-    """The shell command that writes ``stage`` for ``run``, quoted so that it can be pasted: a sweep's run dirs
-    are named after their overrides (``model=lenet5,seed=0``), which Hydra reads as syntax unless the value
-    is a quoted string, and the shell needs the whole override quoted as well."""
+def stage_command(folder: str, run: Path) -> str:
+    """The shell command that writes result ``folder`` (``activations``, ``synthesis`` ...) for ``run``, quoted so
+    that it can be pasted: a sweep's run dirs are named after their overrides (``model=lenet5,seed=0``), which
+    Hydra reads as syntax unless the value is a quoted string, and the shell needs the whole override quoted."""
     path = str(run)
     if re.fullmatch(r"[A-Za-z0-9_./-]+", path):
         value = path
     else:  # a Hydra quoted string: quotes escaped, and the backslashes right before a quote (or the end) doubled
         body = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', path)
         value = '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body) + '"'
-    return f"{STAGE_COMMANDS[stage]} {shlex.quote('run=' + value)}"
+    return f"probe {writer(folder).name} {shlex.quote('run=' + value)}"
 
 
 @dataclass
@@ -101,10 +94,10 @@ def load_runs(paths: list[Path]) -> list[RunData]:
         config = flatten(OmegaConf.to_container(OmegaConf.load(cfg))) if cfg.is_file() else {}
         config.pop("run_dir", None)
         metrics = {"train": card["metrics"]}
-        for stage in STAGE_COMMANDS:
-            m = p / stage / "metrics.json"
+        for folder in result_folders():
+            m = p / folder / "metrics.json"
             if m.is_file():
-                metrics[stage] = json.loads(m.read_text())
+                metrics[folder] = json.loads(m.read_text())
         runs.append(RunData(card["run_name"], p, card, config, metrics))
     # labels must be unique: qualify repeated names with their parent folder
     names = [r.label for r in runs]

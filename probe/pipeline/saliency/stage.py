@@ -50,7 +50,7 @@ from probe.saliency.batching import map_batches
 from probe.pipeline.saliency.config import SaliencyConfig, SaliencyStage
 from probe.saliency.faithfulness import (attribution_order, deletion_insertion_auc, random_order_aucs, verdict,
                                          versus_random)
-from probe.saliency.methods import REDUCTION, MethodSettings, attribute, occlusion_geometry, reduce_channels
+from probe.saliency.methods import REDUCTION, MethodSettings, compute_maps, occlusion_geometry
 from probe.saliency.outputs import overlay_grid
 from probe.saliency.prepare import TARGET_OUTPUT, attribution_copy, gradcam_layer, output_head
 from probe.saliency.randomisation import cascade_order, cascading_randomisations, compare_maps
@@ -100,19 +100,11 @@ def method_settings(sc: SaliencyConfig, model: nn.Module, x: torch.Tensor, mean,
         ig_baseline=partial(reference, sc.ig_baseline, mean=mean, std=std, blur_sigma=sigma),
         smoothgrad_samples=sc.smoothgrad_samples, smoothgrad_stdev=sc.smoothgrad_noise * value_range,
         smoothgrad_batch_size=sc.smoothgrad_batch_size,
-        gradcam_layer=gradcam_layer(model, x, sc.gradcam_layer) if "grad_cam" in sc.methods else sc.gradcam_layer,
+        gradcam_layer=(gradcam_layer(model, x, sc.gradcam_layer, key="saliency.gradcam_layer")
+                       if "grad_cam" in sc.methods else sc.gradcam_layer),
         occlusion_window=window, occlusion_stride=stride,
         occlusion_baseline=partial(reference, sc.occlusion_baseline, mean=mean, std=std, blur_sigma=sigma),
         occlusion_batch_size=sc.ig_internal_batch_size, seed=seed)
-
-
-def compute_maps(method: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, s: MethodSettings,
-                 batch_size: int) -> torch.Tensor:
-    """Maps (M, H, W) float32 on the CPU, in chunks of ``batch_size`` images (halved on out-of-memory)."""
-    def chunk(lo: int, hi: int) -> torch.Tensor:
-        return reduce_channels(attribute(method, model, x[lo:hi], target[lo:hi], s), method).float().cpu()
-
-    return map_batches(chunk, len(x), batch_size, what=f"saliency {method}")
 
 
 def non_finite(maps: dict[str, torch.Tensor]) -> list[str]:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from probe.pipeline.analysis import Context, open_run
-from probe.capture import resolve_layers
+from probe.hooks import check_layers, middle_conv, spaced_convs
 from probe.pipeline.rundir import staged_dir
 from probe.files import write_json, write_npz
 from probe.synthesis import objectives as O
@@ -42,22 +42,11 @@ log = logging.getLogger(__name__)
 
 EXEMPLARS = Path("activations") / "exemplars.parquet"
 STATS = Path("activations") / "stats.parquet"
-MAX_DEFAULT_CONVS = 20  # models with more convs get DEFAULT_FEW evenly spaced ones by default
-DEFAULT_FEW = 3
 
 
 def stable_seed(*parts) -> int:
     """A seed from names and numbers that does not depend on Python's hash randomisation."""
     return zlib.crc32(":".join(map(str, parts)).encode()) & 0x7FFFFFFF
-
-
-def default_layers(model: nn.Module) -> list[str]:
-    """Every Conv2d; for models with more than 20, three evenly spaced ones (early, middle, late)."""
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if len(convs) <= MAX_DEFAULT_CONVS:
-        return convs
-    picks = [round((i + 1) * len(convs) / (DEFAULT_FEW + 1)) for i in range(DEFAULT_FEW)]
-    return [convs[i] for i in picks]
 
 
 def layer_widths(model: nn.Module, layers: list[str], channels: int, size: int, device) -> dict[str, int]:
@@ -320,8 +309,8 @@ def run(cfg: SynthesizeStage) -> Path:
     channels = ctx.data.channels
     color = (color_sqrt_from_data(ctx.data.train, ctx.data.mean, ctx.data.std, channels, s.color_samples)
              if s.param.decorrelate else torch.eye(channels))
-    layers = resolve_layers(model, s.layers, key="synthesis.layers") if s.layers else default_layers(model)
-    dream_layer = s.dream.layer or _middle_conv(model)
+    layers = check_layers(model, s.layers, key="synthesis.layers") if s.layers else spaced_convs(model)
+    dream_layer = s.dream.layer or middle_conv(model)
     widths = layer_widths(model, layers, channels, size, ctx.device) if layers else {}
 
     rows, arrays = [], {"color_sqrt": color.numpy()}
@@ -332,7 +321,7 @@ def run(cfg: SynthesizeStage) -> Path:
         cl_rows, arrays["class"] = render_classes(ctx, s, size, color, cfg.seed)
         rows += cl_rows
     if s.dream.enabled and dream_layer is not None:
-        resolve_layers(model, [dream_layer], key="synthesis.dream.layer")
+        check_layers(model, [dream_layer], key="synthesis.dream.layer")
         dr_rows, dr_arrays = render_dreams(ctx, s, dream_layer, cfg.seed)
         rows += dr_rows
         arrays.update(dr_arrays)
@@ -363,8 +352,3 @@ def run(cfg: SynthesizeStage) -> Path:
     if "class_probability" in metrics:
         log.info("synthesis: class images %s", metrics["class_probability"])
     return ctx.run.path / "synthesis"
-
-
-def _middle_conv(model: nn.Module) -> str | None:
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return convs[(len(convs) - 1) // 2] if convs else None
