@@ -117,9 +117,10 @@ def _normalisation(cfg: DataConfig, train_pixels: torch.Tensor, channels: int, g
         if channels != 3:
             return [sum(IMAGENET_MEAN) / 3], [sum(IMAGENET_STD) / 3]
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    dims = (0, 2, 3)
-    x = train_pixels.double()
-    return x.mean(dims).tolist(), x.std(dims).clamp_min(1e-6).tolist()
+    # numpy reduces in one fixed order; torch's CPU reductions split by thread, so the recorded statistics (and
+    # card.json's bytes) would depend on the thread count (at 1e-12)
+    x = train_pixels.double().numpy()
+    return x.mean((0, 2, 3)).tolist(), np.maximum(x.std((0, 2, 3), ddof=1), 1e-6).tolist()
 
 
 def _tensor_bundle(cfg, images: torch.Tensor, labels: torch.Tensor, classes, channels, splits, notes, given) -> DataBundle:
@@ -147,6 +148,21 @@ def load_digits(cfg: DataConfig, channels: int, given: Norm | None = None, class
     return _tensor_bundle(cfg, x, y, names, channels, splits, {"source": "sklearn.datasets.load_digits"}, given)
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # PIL's modes of 16-bit greyscale images (PNG, TIFF)
+UNSCALED = ("I", "F")  # 32-bit integer and float pixels: no bit depth says what 1.0 is
+
+
+def pil_to_unit(img, channels: int) -> torch.Tensor:
+    """A PIL image as a float tensor ``(channels, H, W)`` in [0, 1], scaled by its bit depth (8-bit: /255,
+    16-bit greyscale: /65535) before grey -> RGB repetition or RGB -> grey luminance."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if img.mode in SIXTEEN_BIT:
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint16).astype(np.float32) / 65535.0)[None, None]
+        return convert_channels(x, channels)[0]
+    return pil_to_tensor(img.convert("RGB" if channels == 3 else "L")).float().div(255)
+
+
 class _Transformed(Dataset):
     """A PIL-image dataset (or a subset of one) turned into normalised tensors of a fixed size."""
 
@@ -164,9 +180,7 @@ class _Transformed(Dataset):
         from torchvision.transforms.functional import pil_to_tensor, resize
 
         img, label = self.base[self.indices[i]]
-        img = img.convert("RGB" if self.channels == 3 else "L")
-        x = pil_to_tensor(img).float().div(255)
-        x = resize(x, [self.size, self.size], antialias=True)
+        x = resize(pil_to_unit(img, self.channels), [self.size, self.size], antialias=True)
         return (x - self.mean) / self.std, label if self.labels is None else self.labels[label]
 
 
@@ -230,6 +244,10 @@ def scan_image_folder(root: Path, classes: list[str] | None = None) -> tuple[lis
                 with Image.open(f) as im:
                     im.load()
                     modes[im.mode] = modes.get(im.mode, 0) + 1
+                    if im.mode in UNSCALED:
+                        problems.append(f"{f}: {'32-bit integer' if im.mode == 'I' else 'floating-point'} pixels "
+                                        f"(mode {im.mode}) have no bit depth to scale by; save as 8- or 16-bit")
+                        continue
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
                 problems.append(f"{f}: unreadable image ({type(e).__name__})")
                 continue

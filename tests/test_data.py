@@ -135,3 +135,27 @@ def test_the_models_mean_and_std_replace_the_datasets_statistics():
     assert d.mean == [0.25] and d.std == [0.5]
     raw = torch.tensor(load_digits().images, dtype=torch.float32) / 16
     assert torch.allclose(d.all.tensors[0][:, 0], (raw - 0.25) / 0.5, atol=1e-6)
+
+
+def test_16_bit_images_are_scaled_by_their_bit_depth(tmp_path):
+    """A 16-bit greyscale PNG round-trips to value / 65535 (8-bit conversion saturated 99.6% of it to 255),
+    and grey -> RGB repeats that value."""
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535 in steps of 257
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(ramp).save(tmp_path / c / "x.png")
+    assert Image.open(tmp_path / "a" / "x.png").mode.startswith("I;16")
+    for channels in (1, 3):
+        cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=16, normalize="none",
+                         val_fraction=0.01, test_fraction=0.01)
+        x = load_data(cfg, channels).all[0][0]
+        assert x.shape == (channels, 16, 16)
+        np.testing.assert_allclose(x.numpy(), np.broadcast_to(ramp / 65535.0, (channels, 16, 16)), atol=1e-6)
+
+
+def test_images_without_a_bit_depth_are_refused_by_name(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.full((8, 8), 3.5, dtype=np.float32)).save(tmp_path / c / "f.tif")
+    with pytest.raises(DataError, match=r"a/f.tif: floating-point pixels \(mode F\)"):
+        load_data(DataConfig(name="imagefolder", root=str(tmp_path)), 1)

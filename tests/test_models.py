@@ -103,6 +103,32 @@ def test_vgg_small_receptive_fields_match_gradient_support(layer):
     assert rows[layer].receptive_field[0] == _gradient_support(model, layer, 64)
 
 
+class _PermutedHead(nn.Module):
+    """A conv whose map is permuted to (N, H, W, C) before a per-position linear head (issue 15, item 11)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 5)
+        self.conv2 = nn.Conv2d(4, 4, 3, stride=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        f = self.conv2(self.conv1(x))
+        return self.head(f.permute(0, 2, 3, 1)).mean((1, 2))
+
+
+def test_a_layer_after_a_permute_gets_no_receptive_field_never_a_wrong_one():
+    rows = {r.name: r for r in layer_table(_PermutedHead(), 1, 28)}
+    assert rows["conv2"].receptive_field == [_gradient_support(_PermutedHead(), "conv2", 28)] * 2 == [7, 7]
+    assert rows["conv2"].rf_stride == [2, 2]
+    # the head's output is (N, 11, 11, 3): its last two axes are width and classes, not a map
+    assert rows["head"].output_shape == [11, 11, 3]
+    assert rows["head"].receptive_field is None and rows["head"].rf_stride is None
+    # a flatten to (N, features) before a linear layer stays the union of every position (LeNet-5's fc1)
+    lenet = {r.name: r for r in layer_table(build("lenet5"), 1, 32)}
+    assert lenet["fc1"].receptive_field == [32, 32]
+
+
 def test_published_receptive_fields_of_alexnet_and_vgg16():
     # Araujo et al., "Computing receptive fields of convolutional neural networks", Distill 2019
     alex = {r.name: r for r in layer_table(build("alexnet"), 3, 224)}

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +29,9 @@ def test_train_cli_writes_a_complete_run_dir(tmp_path):
     assert card["model"]["name"] == "tiny_cnn" and card["run_name"] == "run"
     assert card["params_total"] == sum(p.numel() for p in load_run(run_dir).model.parameters())
     assert [layer["name"] for layer in card["layers"]][:2] == ["conv1", "relu1"]
-    assert card["torch_threads"] == torch.get_num_threads()  # bytes are reproducible at a given thread count
+    env = json.loads((run_dir / "environment.json").read_text())  # beside the card, not in it (not hashed by DVC)
+    assert env["torch_threads"] == torch.get_num_threads() and env["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert not {"torch_threads", "versions", "git_commit"} & set(card)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == card["metrics"] and metrics["epochs"] == 2 and 0 <= metrics["test_acc"] <= 1
     rows = list(csv.DictReader(open(run_dir / "train_log.csv")))
@@ -149,3 +152,24 @@ def test_a_model_with_fewer_class_scores_than_the_data_has_classes_is_refused(tm
     assert main(["train", *TINY, "+model.kwargs.num_classes=4", f"run_dir={run_dir}"]) == 2
     assert "model.output: the model returns 4 class scores (Tensor (2, 4) float32); expected 10" in capsys.readouterr().err
     assert not (run_dir / "card.json").exists()
+
+
+def test_the_card_is_the_same_bytes_in_another_environment(tmp_path):
+    """Outputs DVC hashes must not depend on the machine (issue 15, item 12): a run made with 1 thread and one
+    made with 2 give byte-identical card.json and config.yaml; only environment.json differs."""
+    import os
+    import subprocess
+    import sys
+
+    probe = str(Path(sys.executable).parent / "probe")
+    for threads in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        (tmp_path / str(threads)).mkdir()
+        subprocess.run([probe, "train", "model=tiny_cnn", "data.image_size=16", "train.epochs=0", "progress=false",
+                        "run_dir=run", "hydra.run.dir=logs"], check=True, env=env, capture_output=True,
+                       cwd=tmp_path / str(threads))
+    a, b = tmp_path / "1" / "run", tmp_path / "2" / "run"
+    for name in ("card.json", "config.yaml", "model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    threads = [json.loads((d / "environment.json").read_text())["torch_threads"] for d in (a, b)]
+    assert threads == [1, 2]

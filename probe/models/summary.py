@@ -5,7 +5,10 @@ Receptive field arithmetic (per spatial axis), for a layer of kernel k, stride s
 dilation d applied to an input whose units have receptive field r, jump j and centre c:
 ``r' = r + (d(k-1)) j``, ``j' = j s``, ``c' = c + (d(k-1)/2 - p) j``. Where branches meet (a residual
 sum, an inception concat) the field is the union of the branches'. Layers that mix every
-position (linear, global pooling) see the union over all positions of their input.
+position (linear, global pooling) see the union over all positions of their input. After an operation that
+rearranges the axes into another map of 3 or more dimensions (``permute``, ``transpose``, ``view``, ``reshape``
+...), the last two axes need no longer be height and width: that node and everything computed from it get no
+receptive field (absent, never wrong); a reshape to ``(N, features)`` is a flatten, whose consumers mix everything.
 """
 
 from __future__ import annotations
@@ -58,13 +61,25 @@ class LayerRow:
         return asdict(self)
 
 
-def receptive_fields(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[Field, Field]]:
-    """Theoretical receptive field of the output of every module called in ``model``'s traced graph."""
+# tensor methods and torch functions that rearrange axes: after them "the last two axes" may mean anything
+REARRANGING = {"permute", "transpose", "view", "reshape", "movedim", "moveaxis", "swapaxes", "swapdims", "unflatten",
+               "flatten", "expand", "t", "unfold", "view_as", "reshape_as", "squeeze", "unsqueeze"}
+
+
+def _rearranges(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in REARRANGING
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in REARRANGING
+
+
+def receptive_fields(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[Field, Field] | None]:
+    """Theoretical receptive field of the output of every module called in ``model``'s traced graph
+    (None where the axes were rearranged on the way, see the module docstring)."""
     gm = torch.fx.symbolic_trace(model)
     ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
-    fields: dict[torch.fx.Node, tuple[Field, Field]] = {}
-    out: dict[str, tuple[Field, Field]] = {}
+    fields: dict[torch.fx.Node, tuple[Field, Field] | None] = {}
+    out: dict[str, tuple[Field, Field] | None] = {}
 
     def spatial(node) -> tuple[int, int] | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
@@ -77,6 +92,13 @@ def receptive_fields(model: nn.Module, example: torch.Tensor) -> dict[str, tuple
             continue
         inputs = [a for a in node.all_input_nodes if a in fields]
         if not inputs:
+            continue
+        meta = node.meta.get("tensor_meta")
+        ndim = len(meta.shape) if hasattr(meta, "shape") else 0
+        if any(fields[a] is None for a in inputs) or (_rearranges(node) and ndim >= 3):
+            fields[node] = None
+            if node.op == "call_module" and node.target not in out:
+                out[node.target] = None
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
         src = inputs[0]

@@ -10,10 +10,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from probe.errors import closest
+from probe.errors import ProbeError, closest
 from probe.pipeline.config import to_object
 from probe.pipeline.stages import STAGES, Stage
-from probe.errors import ProbeError
 
 log = logging.getLogger("probe")
 
@@ -85,6 +84,8 @@ def _unknown_key(cause, override: str | None) -> str | None:
         return None
     keys = [str(k) for k in parent.keys() if k != "hydra"]
     key = override or cause.full_key or cause.key
+    if OmegaConf.get_type(parent) is dict:  # a free-form dict such as model.kwargs takes any key, added with +
+        return f"{key}: not in the config; add a new key with +{key}=<value>"
     return unknown_key_message(key, keys, OmegaConf.get_type(parent._get_root()))
 
 
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HydraException, OmegaConfBaseException) as e:
         print(f"probe {stage}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `probe summary ... | head`: the reader left; nothing more to say
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:  # Ctrl-C: staged outputs were removed on the way out; the shell's code for SIGINT
         print(f"probe {stage}: interrupted; the outputs of this command were not written", file=sys.stderr)
         return 130

@@ -32,7 +32,7 @@ from hydra.plugins.config_source import ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import OmegaConf
 
-from probe.errors import ConfigError, RunDirError, check_choice, check_range
+from probe.errors import ConfigError, RunDirError, WeightsError, check_choice, check_range
 from probe.models.sources import TIMM, TORCHVISION, ModelError, parse_source, spec
 from probe.models.weights import is_weights_file
 
@@ -146,6 +146,8 @@ def build_model(model: ModelConfig, channels: int, size: int, num_classes: Optio
                      weights=model.weights, output=model.output)
     except ModelError as e:
         raise model.error(e) from None
+    except WeightsError as e:  # the file names itself; say which config and key gave it
+        raise WeightsError(f"{model.where()}model.weights: {e}") from None
 
 
 def check_model(model: ModelConfig, data) -> None:

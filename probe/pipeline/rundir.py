@@ -27,6 +27,9 @@ from probe.files import dir_mode, file_mode
 from probe.pipeline.stages import SHARDS_DIR, run_dir_folders  # noqa: F401  (SHARDS_DIR re-exported)
 
 CARD_VERSION = 1
+# beside card.json: where and with what a run was made (git commit, library versions, torch threads); not an
+# output DVC hashes, so that outputs depend on the config and the seed only
+ENVIRONMENT = "environment.json"
 CARD_KEYS = ("card_version", "run_name", "model", "data", "params_total", "layers", "metrics", "seed")
 
 

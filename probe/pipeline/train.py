@@ -23,7 +23,7 @@ from probe.models import spec
 from probe.models.summary import layer_table
 from probe.models.weights import load_into, read_state_dict
 from probe.pipeline.model import build_model, card_section, model_input
-from probe.pipeline.rundir import CARD_VERSION, git_commit, library_versions, remove_analyses, save_weights
+from probe.pipeline.rundir import CARD_VERSION, ENVIRONMENT, git_commit, library_versions, remove_analyses, save_weights
 from probe.files import write_bytes, write_json
 from probe.runtime import autocast, fast_model, pick_device, pin_memory, seed_everything, to_device_batch
 
@@ -171,11 +171,12 @@ def train(cfg: TrainStage) -> Path:
         "metrics": metrics,
         "seed": cfg.seed,
         "train": asdict(cfg.train),
-        "git_commit": git_commit(),
-        "versions": library_versions(),
-        # CPU kernels split reductions by thread: the same seed gives the same bytes at the same thread count
-        "torch_threads": torch.get_num_threads(),
     }
+    # what the run depends on but DVC must not hash (a fresh clone on another machine reproduces dvc.lock):
+    # the commit, library versions and thread count (CPU kernels split reductions by thread, so the same seed
+    # gives the same bytes at the same thread count)
+    write_json(run_dir / ENVIRONMENT, {"git_commit": git_commit(), "versions": library_versions(),
+                                       "torch_threads": torch.get_num_threads()})
     write_json(run_dir / "card.json", card)
     state_path.unlink(missing_ok=True)
     log.info("%s: test accuracy %.4f", run_dir, test_acc)

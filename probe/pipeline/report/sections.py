@@ -84,7 +84,7 @@ def overview(runs: list[RunData]) -> dict:
         c = r.card
         rows.append({"run": r.label, "model": r.model, "dataset": c["data"]["name"], "seed": c["seed"],
                      "params": c["params_total"], "test accuracy": c["metrics"].get("test_acc"),
-                     "epochs": c["metrics"].get("epochs"), "git commit": (c.get("git_commit") or "")[:10]})
+                     "epochs": c["metrics"].get("epochs")})
     s["blocks"].append(_table("Runs", pd.DataFrame(rows)))
     keys = differing_keys(runs)
     if keys:
