@@ -420,7 +420,7 @@ def test_sigkill_mid_training_leaves_no_card_and_resume_gives_the_uninterrupted_
     assert main(["train", *common, f"run_dir={ref}", f"hydra.run.dir={tmp_path / 'logs'}"]) == 0
     run = tmp_path / "run"
     args = ["train", *common, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'logs'}"]
-    _kill_when(args, lambda: (run / "last_state.pt").is_file(), tmp_path, script=PLAIN)
+    _kill_when(args, lambda: (run / ".training" / "last_state.pt").is_file(), tmp_path, script=PLAIN)
     assert not (run / "card.json").exists()
     with pytest.raises(RunDirError, match="not a run dir"):
         read_card(run)

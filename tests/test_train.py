@@ -173,3 +173,33 @@ def test_the_card_is_the_same_bytes_in_another_environment(tmp_path):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     threads = [json.loads((d / "environment.json").read_text())["torch_threads"] for d in (a, b)]
     assert threads == [1, 2]
+
+
+def test_a_nan_in_retraining_leaves_the_previous_run_dir_byte_identical(tmp_path):
+    """Retraining is staged (issue 15, item 3): the card, weights, config, log and analyses of the last complete
+    run survive a retraining that hits NaN, and nothing of the failed one is left."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'logs'}"]) == 0
+    assert main(["activations", f"run={run}", "data.limit=64", "activations.images=false"]) == 0
+
+    def files():
+        return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    before = files()
+    assert {"card.json", "model.safetensors", "config.yaml", "train_log.csv"} <= {str(p) for p in before}
+    assert any(p.parts[0] == "activations" for p in before)
+    code = main(["train", *TINY, "train.lr=1e30", "train.optimizer=sgd", "train.momentum=0",
+                 f"run_dir={run}", f"hydra.run.dir={tmp_path / 'logs'}"])
+    assert code == 1  # a run that failed on valid input
+    assert files() == before
+    assert not (run / ".training").exists()
+
+
+def test_a_finished_retraining_replaces_the_run_and_its_analyses(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'logs'}"]) == 0
+    assert main(["activations", f"run={run}", "data.limit=64", "activations.images=false"]) == 0
+    old = (run / "model.safetensors").read_bytes()
+    assert main(["train", *TINY, "seed=1", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'logs'}"]) == 0
+    assert (run / "model.safetensors").read_bytes() != old and read_card(run)["seed"] == 1
+    assert not (run / "activations").exists() and not (run / ".training").exists()

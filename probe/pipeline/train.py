@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
+import shutil
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from probe.files import write_bytes, write_json
 from probe.runtime import autocast, fast_model, pick_device, pin_memory, seed_everything, to_device_batch
 
 log = logging.getLogger(__name__)
+TRAINING = ".training"  # inside the run dir: the run being trained, until it has finished
 LOG_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
 
 
@@ -79,19 +82,48 @@ def _optimizer(model: nn.Module, cfg: TrainStage) -> torch.optim.Optimizer:
 
 
 def train(cfg: TrainStage) -> Path:
-    """Train per ``cfg`` and write the run dir ``cfg.run_dir``; return its path."""
+    """Train per ``cfg`` and write the run dir ``cfg.run_dir``; return its path.
+
+    The new run is written into ``<run_dir>/.training/`` and replaces the run dir's files only when it has
+    finished, so a failed retraining (NaN, an error) leaves the last complete run as it was; a killed or
+    interrupted one leaves ``.training/`` for ``train.resume=true``."""
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
     device = pick_device(cfg.device)
     model, data, data_card, model_card = model_for(cfg)
-    # the card marks a complete run: remove it first, so that an interrupted run looks incomplete;
-    # then the analyses of the weights about to be replaced
+    work = run_dir / TRAINING
+    if not (cfg.train.resume and (work / "last_state.pt").is_file()):
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        test_acc = _train(cfg, model, data, data_card, model_card, device, run_dir, work)
+    except KeyboardInterrupt:
+        raise  # .training/ stays: train.resume=true continues from its last finished epoch
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _publish(work, run_dir)
+    log.info("%s: test accuracy %.4f", run_dir, test_acc)
+    return run_dir
+
+
+def _publish(work: Path, run_dir: Path) -> None:
+    """Replace the run dir's training outputs with those in ``work``: the old card goes first (from then on the
+    run dir is incomplete), then the analyses of the old weights, and the new card comes last."""
     (run_dir / "card.json").unlink(missing_ok=True)
     stale = remove_analyses(run_dir)
     if stale:
-        log.info("removed %s from %s: they described the weights this training replaces", ", ".join(stale), run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+        log.info("removed %s from %s: they described the weights this training replaced", ", ".join(stale), run_dir)
+    shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
+    for path in sorted(work.iterdir(), key=lambda p: p.name == "card.json"):
+        os.replace(path, run_dir / path.name)
+    work.rmdir()
+
+
+def _train(cfg: TrainStage, model: nn.Module, data: DataBundle, data_card: dict, model_card: dict,
+           device: torch.device, run_dir: Path, work: Path) -> float:
+    """The training itself, writing every file into ``work``; returns the test accuracy."""
+    write_bytes(work / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
 
     model = fast_model(model, device)  # channels_last on CUDA
     opt = _optimizer(model, cfg)
@@ -101,7 +133,7 @@ def train(cfg: TrainStage) -> Path:
     test_dl = loader(data.test, bs, False, cfg.seed, device, cfg.data.num_workers)
 
     rows, start = [], 1
-    state_path = run_dir / "last_state.pt"
+    state_path = work / "last_state.pt"
     if cfg.train.resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -114,13 +146,13 @@ def train(cfg: TrainStage) -> Path:
         start = len(rows) + 1
         log.info("resuming %s from epoch %d", run_dir, start)
 
-    best_acc, best_path = -1.0, run_dir / "model.safetensors"
+    best_acc, best_path = -1.0, work / "model.safetensors"
     if rows:
         best_acc = max(r["val_acc"] for r in rows)
     if cfg.train.epochs == 0 or not best_path.is_file():
         save_weights(model, best_path)
     if start == 1 and 0 in cfg.train.snapshot_epochs:
-        save_weights(model, run_dir / "snapshots" / "epoch_0000.safetensors")
+        save_weights(model, work / "snapshots" / "epoch_0000.safetensors")
     show = cfg.progress and sys.stderr.isatty()
     for epoch in range(start, cfg.train.epochs + 1):
         model.train()
@@ -149,9 +181,9 @@ def train(cfg: TrainStage) -> Path:
             best_acc = val_acc
             save_weights(model, best_path)
         if epoch in cfg.train.snapshot_epochs:
-            save_weights(model, run_dir / "snapshots" / f"epoch_{epoch:04d}.safetensors")
+            save_weights(model, work / "snapshots" / f"epoch_{epoch:04d}.safetensors")
         _save_state(state_path, model, opt, rows, train_dl.generator)
-    _write_log(run_dir / "train_log.csv", rows)
+    _write_log(work / "train_log.csv", rows)
 
     # evaluate the kept (best) weights
     load_into(model, read_state_dict(best_path), str(best_path))
@@ -159,7 +191,7 @@ def train(cfg: TrainStage) -> Path:
     test_loss, test_acc = evaluate(model, test_dl, device)
     metrics = {"test_acc": test_acc, "test_loss": test_loss, "val_acc": max([r["val_acc"] for r in rows], default=None),
                "epochs": len(rows), "params_total": sum(p.numel() for p in model.parameters())}
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(work / "metrics.json", metrics)
     model.cpu()
     card = {
         "card_version": CARD_VERSION,
@@ -175,12 +207,11 @@ def train(cfg: TrainStage) -> Path:
     # what the run depends on but DVC must not hash (a fresh clone on another machine reproduces dvc.lock):
     # the commit, library versions and thread count (CPU kernels split reductions by thread, so the same seed
     # gives the same bytes at the same thread count)
-    write_json(run_dir / ENVIRONMENT, {"git_commit": git_commit(), "versions": library_versions(),
+    write_json(work / ENVIRONMENT, {"git_commit": git_commit(), "versions": library_versions(),
                                        "torch_threads": torch.get_num_threads()})
-    write_json(run_dir / "card.json", card)
     state_path.unlink(missing_ok=True)
-    log.info("%s: test accuracy %.4f", run_dir, test_acc)
-    return run_dir
+    write_json(work / "card.json", card)
+    return test_acc
 
 
 def _save_state(path: Path, model, opt, rows, loader_rng: torch.Generator) -> None:
