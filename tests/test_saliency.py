@@ -826,7 +826,8 @@ def test_cli_end_to_end_writes_every_file(tiny_run):
     import json
 
     summary = json.loads((out / "metrics.json").read_text())
-    assert set(summary) == set(METHODS) | {"target", "head_bypassed", "gradcam_layer", "random_orders", "auc_steps"}
+    assert set(summary) == set(METHODS) | {"target", "head_bypassed", "gradcam_layer", "random_orders", "auc_steps",
+                                               "weights_sha256"}
     assert summary["target"] == "logit" and summary["head_bypassed"] is None  # tiny_cnn ends in logits
     assert summary["gradcam_layer"] == "relu2" and summary["random_orders"] == SaliencyConfig().random_orders == df.random_orders.iloc[0]
     assert maps["target_output"].tolist() == ["logit"]

@@ -203,3 +203,66 @@ def test_a_finished_retraining_replaces_the_run_and_its_analyses(tmp_path):
     assert main(["train", *TINY, "seed=1", f"run_dir={run}", f"hydra.run.dir={tmp_path / 'logs'}"]) == 0
     assert (run / "model.safetensors").read_bytes() != old and read_card(run)["seed"] == 1
     assert not (run / "activations").exists() and not (run / ".training").exists()
+
+
+def test_two_commands_on_one_run_dir_the_second_stops_naming_the_first(tmp_path, capsys):
+    """Issue 15, item 4: a retraining never replaces the weights under a running analysis, nor an analysis
+    reads weights being replaced, and two commands never write the same folder at once. The lock is the OS's
+    (flock), taken here by this process the way a running command takes it."""
+    import os
+
+    from probe.pipeline.rundir import file_lock, weights_lock
+
+    run = tmp_path / "run"
+    train = ["train", *TINY, f"run_dir={run}", f"hydra.run.dir={tmp_path / 'logs'}"]
+    assert main(train) == 0
+    activations = ["activations", f"run={run}", "data.limit=64", "activations.images=false"]
+    assert main(activations) == 0
+
+    def files():
+        return {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()
+                and "logs" not in p.parts}
+
+    before = files()
+    capsys.readouterr()
+    with weights_lock(run, write=True, what="probe train"):  # a training in progress
+        assert main(activations) == 2
+    line = capsys.readouterr().err.strip()
+    assert line == f"probe activations: error: {run}: in use by probe train (retraining it); wait for it to " \
+                   f"finish (probe activations needs it)", line
+    with weights_lock(run, write=False, what="probe saliency"):  # an analysis reading the weights
+        assert main(train) == 2
+    assert "in use by an analysis reading its weights" in capsys.readouterr().err
+    with file_lock(run / ".activations.lock", what="probe activations"):  # a second writer of activations/
+        assert main(activations) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.endswith(f"in use by probe activations (pid {os.getpid()} on {os.uname().nodename}); wait for it "
+                         f"to finish (lock .activations.lock)"), line
+    assert files() == before  # nothing was replaced or half-written
+    assert main(activations) == 0  # and the locks went with their holders
+    assert not list(run.glob(".*.lock"))
+
+
+def test_an_analysis_of_other_weights_is_detected_by_the_report_and_the_next_stage(tmp_path):
+    """Each analysis records the SHA-256 of the weights it read; weights replaced behind its back (a race, a copy)
+    make it stale: the report shows it as such, and synthesis does not take its exemplars as the yardstick."""
+    import hashlib
+    import shutil
+
+    from probe.pipeline.report.collect import load_runs
+    from probe.pipeline.rundir import stale
+    from probe.pipeline.synthesis.stage import activations_best
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    for d, seed in ((run, 0), (other, 1)):
+        assert main(["train", *TINY, f"seed={seed}", f"run_dir={d}", f"hydra.run.dir={tmp_path / 'logs'}"]) == 0
+    assert main(["activations", f"run={run}", "data.limit=64", "activations.images=false"]) == 0
+    recorded = json.loads((run / "activations" / "metrics.json").read_text())["weights_sha256"]
+    assert recorded == hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()[:16]
+    assert stale(run, "activations") is None and activations_best(run)
+
+    shutil.copy(other / "model.safetensors", run / "model.safetensors")
+    assert "activations/ was computed from other weights" in stale(run, "activations")
+    assert activations_best(run) == {}
+    (r,) = load_runs([run])
+    assert not r.has("activations") and r.table("activations", "stats") is None and "activations" not in r.metrics

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from probe.errors import ProbeError, closest
-from probe.pipeline.config import to_object
+from probe.pipeline.config import AnalysisStage, to_object
 from probe.pipeline.stages import STAGES, Stage
 
 log = logging.getLogger("probe")
@@ -128,7 +128,6 @@ def _precheck(stage: str, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from probe.pipeline.config import AnalysisStage
 
     with initialize_config_module(config_module="probe.pipeline.conf", version_base="1.3"):
         cfg = compose(config_name=STAGES[stage].config, overrides=overrides)
@@ -213,7 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     @hydra.main(config_path="conf", config_name=record.config, version_base="1.3")
     def app(cfg: DictConfig) -> None:
         try:
-            func(to_object(cfg))
+            from probe.pipeline.rundir import weights_lock
+
+            obj = to_object(cfg)
+            if isinstance(obj, AnalysisStage):  # it reads the run's weights: no retraining meanwhile
+                with weights_lock(obj.run, write=False, what=f"probe {stage}"):
+                    func(obj)
+            else:
+                func(obj)
         except ProbeError as e:  # reported below as one line, without Hydra's traceback
             from hydra.core.hydra_config import HydraConfig
             from hydra.types import RunMode

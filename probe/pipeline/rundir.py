@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ from safetensors.torch import save_file
 from probe.errors import RunDirError
 from probe.files import dir_mode, file_mode
 from probe.pipeline.stages import SHARDS_DIR, run_dir_folders  # noqa: F401  (SHARDS_DIR re-exported)
+
+log = logging.getLogger(__name__)
 
 CARD_VERSION = 1
 # beside card.json: where and with what a run was made (git commit, library versions, torch threads); not an
@@ -87,14 +90,82 @@ def remove_analyses(run_dir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
+def file_lock(path: Path, shared: bool = False, what: str = "probe"):
+    """Hold ``path`` as a lock for the block: exclusive, or ``shared`` with other shared holders (readers).
+
+    An OS lock (``flock``), as DVC's run lock is: the kernel releases it when the holder exits or dies, so a
+    lock is never stale. Taken without waiting: when another process holds it, :class:`RunDirError` names
+    that process (an exclusive holder writes ``what``, its pid and host into the file, and removes the file
+    when it is done; shared holders leave it)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another probe command reading it"
+            os.close(fd)
+            raise RunDirError(f"{path.parent}: in use by {holder}; wait for it to finish (lock {path.name})") from None
+        try:  # the file we locked may have been removed by the holder before us: lock the one at `path`
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{what} (pid {os.getpid()} on {socket.gethostname()})".encode(), 0)
+        yield
+    finally:
+        if not shared:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def weights_lock(run_dir: Path, write: bool, what: str):
+    """``probe train`` holds a run dir's weights exclusively (``write``); an analysis holds them shared while it
+    reads them, so a retraining never replaces the weights under a running analysis, nor the other way round.
+
+    The lock is the run dir itself (``flock`` on the folder: no file is written, and the kernel releases it
+    when the holder exits or dies). Where the file system has no such locks, commands run unserialised."""
+    import fcntl
+
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = "an analysis reading its weights" if write else "probe train (retraining it)"
+            raise RunDirError(f"{run_dir}: in use by {holder}; wait for it to finish ({what} needs it)") from None
+        except OSError as e:  # e.g. a network file system without flock
+            log.warning("%s: cannot lock (%s); not serialised with other probe commands", run_dir, e)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def staged_dir(final: Path):
     """Yield a temporary folder beside ``final``; on success it replaces ``final`` as a whole.
 
     A process killed at any moment leaves ``final`` as it was (or, during the swap, in
     ``.<name>.old``, restored by the next call) and a temp folder that the next call removes."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(final)
+    with file_lock(final.parent / f".{final.name}.lock", what=f"the probe command writing {final.name}/"):
+        clean_stale(final)
+        with _staged(final) as tmp:
+            yield tmp
+
+
+@contextlib.contextmanager
+def _staged(final: Path):
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{socket.gethostname()}-{os.getpid()}.",
                                 suffix=".tmp"))
     tmp.chmod(dir_mode())
@@ -109,6 +180,40 @@ def staged_dir(final: Path):
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+WEIGHTS_KEY = "weights_sha256"  # in every analysis's metrics.json: the weights it was computed from
+
+
+def weights_digest(run_dir: str | Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the run's ``model.safetensors``."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(run_dir) / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def stamped(run_dir: str | Path, metrics: dict) -> dict:
+    """An analysis's ``metrics``, recording the weights it read (see :func:`stale`)."""
+    return {**metrics, WEIGHTS_KEY: weights_digest(run_dir)}
+
+
+def stale(run_dir: str | Path, folder: str) -> str | None:
+    """Why ``<run_dir>/<folder>/`` does not describe the run's current weights, or None when it does (or is
+    absent, or predates the record)."""
+    path = Path(run_dir) / folder / "metrics.json"
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text()).get(WEIGHTS_KEY)
+    if recorded is None or not (Path(run_dir) / "model.safetensors").is_file():
+        return None
+    now = weights_digest(run_dir)
+    if recorded == now:
+        return None
+    return f"{folder}/ was computed from other weights (sha256 {recorded}; the run's are {now})"
 
 
 def read_card(run_dir: str | Path) -> dict:

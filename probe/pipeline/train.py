@@ -25,7 +25,7 @@ from probe.models import spec
 from probe.models.summary import layer_table
 from probe.models.weights import load_into, read_state_dict
 from probe.pipeline.model import build_model, card_section, model_input
-from probe.pipeline.rundir import CARD_VERSION, ENVIRONMENT, git_commit, library_versions, remove_analyses, save_weights
+from probe.pipeline.rundir import CARD_VERSION, ENVIRONMENT, git_commit, library_versions, remove_analyses, save_weights, weights_lock
 from probe.files import write_bytes, write_json
 from probe.runtime import autocast, fast_model, pick_device, pin_memory, seed_everything, to_device_batch
 
@@ -92,17 +92,19 @@ def train(cfg: TrainStage) -> Path:
     device = pick_device(cfg.device)
     model, data, data_card, model_card = model_for(cfg)
     work = run_dir / TRAINING
-    if not (cfg.train.resume and (work / "last_state.pt").is_file()):
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        test_acc = _train(cfg, model, data, data_card, model_card, device, run_dir, work)
-    except KeyboardInterrupt:
-        raise  # .training/ stays: train.resume=true continues from its last finished epoch
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    _publish(work, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with weights_lock(run_dir, write=True, what="probe train"):  # no analysis reads the weights meanwhile
+        if not (cfg.train.resume and (work / "last_state.pt").is_file()):
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(exist_ok=True)
+        try:
+            test_acc = _train(cfg, model, data, data_card, model_card, device, run_dir, work)
+        except KeyboardInterrupt:
+            raise  # .training/ stays: train.resume=true continues from its last finished epoch
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        _publish(work, run_dir)
     log.info("%s: test accuracy %.4f", run_dir, test_acc)
     return run_dir
 

@@ -35,7 +35,7 @@ from probe.activations.stats import PopulationStats, selectivity
 from probe.pipeline.analysis import Context, open_run
 from probe.hooks import layer_outputs, resolve_layers
 from probe.errors import RunDirError
-from probe.pipeline.rundir import SHARDS_DIR, staged_dir
+from probe.pipeline.rundir import SHARDS_DIR, staged_dir, stamped
 from probe.files import write_json, write_npz
 from probe.runtime import pin_memory
 from probe.uncertainty import proportion_interval
@@ -84,7 +84,7 @@ def write_outputs(cfg: ActivationsStage, ctx: Context, layers: list[str], stats:
         write_crops(ctx, tops, stats, seen, a.crop_channels, a.crop_size, a.images, tmp)
         write_filters(model, layers, a.images, tmp)
         write_feature_maps(ctx, fm_layers, a.images, tmp)
-        write_json(tmp / "metrics.json", metrics(stats, seen))
+        write_json(tmp / "metrics.json", stamped(ctx.run.path, metrics(stats, seen)))
         if a.save_state:
             stats.save(tmp / "state.npz")
     log.info("%s: activations of %d layers over %d images", out, len(seen), len(ctx.dataset))

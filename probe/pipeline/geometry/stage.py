@@ -19,7 +19,7 @@ from probe.geometry.erf import erf_maps, erf_rms, erf_size
 from probe.geometry.fields import LayerField, layer_fields
 from probe.geometry.invariance import transforms
 from probe.geometry.tables import transform_tables
-from probe.pipeline.rundir import staged_dir
+from probe.pipeline.rundir import staged_dir, stamped
 from probe.files import write_json, write_npz
 from probe.uncertainty import proportion_interval
 
@@ -190,6 +190,7 @@ def run(cfg: GeometryStage) -> Path:
             figures.shift_survival(inv, tmp / "shift_survival.png")
             if dyn is not None:
                 figures.dynamics(dyn, filters, tmp / "dynamics.png", tmp / "dynamics_filters.png")
-        write_json(tmp / "metrics.json", headline(eq, inv, erf, fields, chance_agreement(batched_layer_outputs(model, x, [], bs, device)[0].argmax(1))))
+        agreement = chance_agreement(batched_layer_outputs(model, x, [], bs, device)[0].argmax(1))
+        write_json(tmp / "metrics.json", stamped(ctx.run.path, headline(eq, inv, erf, fields, agreement)))
     log.info("%s: geometry of %d layers on %d probe images written", out_dir, len(layers), len(x))
     return out_dir

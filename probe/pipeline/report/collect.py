@@ -13,7 +13,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from probe.errors import RunDirError
-from probe.pipeline.rundir import read_card
+from probe.pipeline.rundir import read_card, stale
 from probe.pipeline.stages import result_folders, writer
 
 
@@ -37,21 +37,26 @@ class RunData:
     card: dict
     config: dict  # the flattened resolved config
     metrics: dict = field(default_factory=dict)  # stage folder ("train", "activations", ...) -> metrics.json
+    # stage folder -> why it is not shown: computed from weights other than the run's (rundir.stale)
+    stale: dict = field(default_factory=dict)
 
     def has(self, stage: str) -> bool:
-        return (self.path / stage / "metrics.json").is_file()
+        return stage not in self.stale and (self.path / stage / "metrics.json").is_file()
+
+    def _path(self, stage: str, name: str) -> Path | None:
+        path = self.path / stage / name
+        return path if stage not in self.stale and path.is_file() else None
 
     def table(self, stage: str, name: str) -> pd.DataFrame | None:
-        path = self.path / stage / f"{name}.parquet"
-        return pd.read_parquet(path) if path.is_file() else None
+        path = self._path(stage, f"{name}.parquet")
+        return pd.read_parquet(path) if path else None
 
     def arrays(self, stage: str, name: str):
-        path = self.path / stage / f"{name}.npz"
-        return np.load(path) if path.is_file() else None
+        path = self._path(stage, f"{name}.npz")
+        return np.load(path) if path else None
 
     def file(self, stage: str, name: str) -> Path | None:
-        path = self.path / stage / name
-        return path if path.is_file() else None
+        return self._path(stage, name)
 
     @property
     def model(self) -> str:
@@ -94,11 +99,12 @@ def load_runs(paths: list[Path]) -> list[RunData]:
         config = flatten(OmegaConf.to_container(OmegaConf.load(cfg))) if cfg.is_file() else {}
         config.pop("run_dir", None)
         metrics = {"train": card["metrics"]}
+        stale_folders = {f: why for f in result_folders() if (why := stale(p, f))}
         for folder in result_folders():
             m = p / folder / "metrics.json"
-            if m.is_file():
+            if m.is_file() and folder not in stale_folders:
                 metrics[folder] = json.loads(m.read_text())
-        runs.append(RunData(card["run_name"], p, card, config, metrics))
+        runs.append(RunData(card["run_name"], p, card, config, metrics, stale_folders))
     # labels must be unique: qualify repeated names with their parent folder
     names = [r.label for r in runs]
     for r in runs:

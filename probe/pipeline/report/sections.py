@@ -62,7 +62,10 @@ def _need(section: dict, runs: list[RunData], stage: str) -> list[RunData]:
         if r.has(stage):
             have.append(r)
         else:
-            section["missing"].append({"run": r.label, "command": stage_command(stage, r.path)})
+            entry = {"run": r.label, "command": stage_command(stage, r.path)}
+            if stage in r.stale:
+                entry["why"] = r.stale[stage]
+            section["missing"].append(entry)
     return have
 
 

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from probe.pipeline.analysis import open_run
 from probe.errors import NumericalError
-from probe.pipeline.rundir import staged_dir
+from probe.pipeline.rundir import staged_dir, stamped
 from probe.files import write_json, write_npz
 from probe.saliency.batching import map_batches
 from probe.pipeline.saliency.config import SaliencyConfig, SaliencyStage
@@ -293,7 +293,7 @@ def run(cfg: SaliencyStage) -> Path:
         for extra in per_method:  # ROAD and eMPRT keys beside each method's deletion / insertion keys
             for m, keys in extra.items():
                 summ[m].update(keys)
-        write_json(tmp / "metrics.json", summ)
+        write_json(tmp / "metrics.json", stamped(ctx.run.path, summ))
         if sc.overlays:
             titles = [f"#{int(i)} y={int(lab)} t={int(t)}{'*' if k == 'predicted' else ''}"
                       for i, lab, t, k in zip(items.image, items.label, items.target.cpu(), items.kind)]

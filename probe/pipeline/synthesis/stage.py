@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from probe.pipeline.analysis import Context, open_run
 from probe.hooks import check_layers, middle_conv, spaced_convs
-from probe.pipeline.rundir import staged_dir
+from probe.pipeline.rundir import stale, staged_dir, stamped
 from probe.files import write_json, write_npz
 from probe.synthesis import objectives as O
 from probe.pipeline.synthesis.config import SynthesisConfig, SynthesizeStage, select_indices
@@ -85,6 +85,10 @@ def activations_best(run_dir: Path) -> dict[tuple[str, int], tuple[float, float]
     (``stats.parquet``'s exact ``max``)."""
     ex, st = run_dir / EXEMPLARS, run_dir / STATS
     if not (ex.is_file() and st.is_file()):
+        return {}
+    reason = stale(run_dir, "activations")
+    if reason:  # exemplars of other weights are no yardstick for these
+        log.warning("synthesis: %s; computing the best dataset activations here instead", reason)
         return {}
     df = pd.read_parquet(ex, columns=["layer", "channel", "rank", "value"])
     top = {(str(r.layer), int(r.channel)): float(r.value) for r in df[df["rank"] == 0].itertuples()}
@@ -335,7 +339,7 @@ def run(cfg: SynthesizeStage) -> Path:
     with staged_dir(ctx.run.path / "synthesis") as tmp:
         write_npz(tmp / "images.npz", {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
         df.to_parquet(tmp / "metrics.parquet", index=False)
-        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "metrics.json", stamped(ctx.run.path, metrics))
         for layer in layers:
             sel = df[(df["kind"] == "channel") & (df["layer"] == layer)]["image"].to_numpy()
             if len(sel):
