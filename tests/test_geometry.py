@@ -219,7 +219,7 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     dyn = pd.read_parquet(out / "dynamics.parquet")
     assert set(dyn["epoch"]) == {0, 1} and dyn["dead_fraction"].between(0, 1).all()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"equivariance", "survival", "erf"}
+    assert set(metrics) == {"equivariance", "survival", "erf", "weights_sha256"}
     k = int((p0 == p1).sum())
     got = metrics["survival"]["shift1_x_zero"]
     assert (got["k"], got["n"], got["method"]) == (k, 20, "wilson") and got["value"] == pytest.approx(k / 20)
