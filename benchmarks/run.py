@@ -77,11 +77,10 @@ def pipeline(quick: bool) -> dict:
     import yaml
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from repo_copy import copy_repo
+    from repo_copy import TINY_RUNS, copy_repo
 
     with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmp:
-        tiny = {"tiny": {"model": "tiny_cnn", "epochs": 1}, "tiny_random": {"model": "tiny_cnn", "epochs": 0}}
-        dst = copy_repo(Path(tmp), **({"runs": tiny} if quick else {}))
+        dst = copy_repo(Path(tmp), **({"runs": TINY_RUNS} if quick else {}))
         params = yaml.safe_load((dst / "params.yaml").read_text())
         e2e, out = _sh(["dvc", "repro"], dst)
         stages = out.count("Running stage")

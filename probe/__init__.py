@@ -14,6 +14,8 @@ The Python API works on any ``nn.Module`` and any batches of images, without Hyd
 - feature visualisation: :func:`render_layer`, or Lucent's pieces :mod:`objectives`, :class:`ImageParam`,
   :class:`Transforms`, :func:`render`;
 - geometry: :func:`equivariance_table`, :func:`invariance_table`, :func:`erf_maps`;
+- how networks differ: :func:`compare` (CKA of every layer pair of several models on the same images, units
+  matched across them) over :class:`CKA`, :class:`UnitCorrelation` and :func:`linear_cka`;
 - errors: :class:`LayerNotFound` (a ``ValueError`` listing the valid layer names).
 
 Names are imported on first use, so ``import probe`` loads nothing heavy (and never Hydra or DVC).
@@ -34,6 +36,7 @@ _MODULES = {  # where each public name is defined
     "probe.saliency": ["attribution_maps", "faithfulness_metrics", "MethodSettings"],
     "probe.synthesis": ["render_layer", "render", "objectives", "ImageParam", "Transforms"],
     "probe.geometry": ["equivariance_table", "invariance_table", "erf_maps"],
+    "probe.similarity": ["compare", "CKA", "UnitCorrelation", "linear_cka"],
     "probe.errors": ["LayerNotFound"],
 }
 _API = {name: module for module, names in _MODULES.items() for name in names}
@@ -48,6 +51,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from probe.models import build, list_models, register_model
     from probe.models.summary import format_table, layer_table
     from probe.saliency import MethodSettings, attribution_maps, faithfulness_metrics
+    from probe.similarity import CKA, UnitCorrelation, compare, linear_cka
     from probe.synthesis import ImageParam, Transforms, objectives, render, render_layer
 
 

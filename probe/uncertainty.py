@@ -14,6 +14,11 @@ report and the README all say the same thing the same way.
   Monte Carlo with the (1 + hits) / (1 + draws) estimator of Phipson & Smyth 2010).
 - :func:`proportions_comparison`: a difference of two proportions with Newcombe's hybrid score
   interval (Newcombe 1998, method 10) and Fisher's exact test.
+- :func:`se_interval`, :func:`se_difference`: an estimate known by its standard error (CKA's delta-method
+  SE over minibatches) with a Student t interval on ``df`` degrees of freedom, and the difference of two
+  such estimates with their SEs combined as if independent (``sqrt(se_a^2 + se_b^2)``, Welch-Satterthwaite
+  degrees of freedom) and a two-sided t test: conservative when the two are positively correlated, as
+  estimates from the same images usually are.
 - :func:`holm`: Holm's step-down adjustment for a family of tests (Holm 1979).
 
 Intervals are 95% unless ``level`` says otherwise. A comparison is *distinguishable* when its
@@ -168,6 +173,32 @@ def proportions_comparison(k1: int, n1: int, k2: int, n2: int, level: float = LE
     high = d + math.sqrt((p1.high - p1.value) ** 2 + (p2.value - p2.low) ** 2)
     p = float(stats.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]]).pvalue)
     return Comparison(d, low, high, min(1.0, p), n1 + n2, "fisher exact", level)
+
+
+def se_interval(value: float, se: float, df: int, level: float = LEVEL) -> Estimate:
+    """``value`` with the t interval ``value +- t_df * se`` (NaN bounds when ``df < 1`` or ``se`` is not finite);
+    ``n`` records ``df + 1``, the independent pieces the SE came from."""
+    if df < 1 or not math.isfinite(se):
+        return Estimate(value, math.nan, math.nan, df + 1, "t (standard error)", level)
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+    return Estimate(value, value - half, value + half, df + 1, "t (standard error)", level)
+
+
+def se_difference(a: float, se_a: float, b: float, se_b: float, df_a: int, df_b: int,
+                  level: float = LEVEL) -> Comparison:
+    """``a - b`` from two estimates with standard errors on ``df_a``, ``df_b`` degrees of freedom: the SEs
+    combined as if independent, Welch-Satterthwaite degrees of freedom, a two-sided t test."""
+    d = a - b
+    var = se_a ** 2 + se_b ** 2
+    if df_a < 1 or df_b < 1 or not math.isfinite(var):
+        return Comparison(d, math.nan, math.nan, math.nan, df_a + df_b + 2, "t (standard errors)", level)
+    if var == 0:
+        p = 1.0 if d == 0 else 0.0
+        return Comparison(d, d, d, p, df_a + df_b + 2, "t (standard errors)", level)
+    df = var ** 2 / (se_a ** 4 / df_a + se_b ** 4 / df_b)
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(var)
+    p = float(2 * stats.t.sf(abs(d) / math.sqrt(var), df))
+    return Comparison(d, d - half, d + half, p, df_a + df_b + 2, "t (standard errors)", level)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

@@ -10,7 +10,11 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTPUTS = ("artifacts/", "reports/", "pipelines/torchvision/artifacts", "pipelines/cifar10/artifacts")
+OUTPUTS = ("artifacts/", "reports/", "comparisons/", "pipelines/torchvision/artifacts", "pipelines/cifar10/artifacts")
+
+# params.yaml's runs for a pipeline that takes a minute: a trained and an untrained tiny net
+TINY_RUNS = {"tiny": {"model": "tiny_cnn", "epochs": 1, "seed": 0, "snapshots": "[]"},
+             "tiny_random": {"model": "tiny_cnn", "epochs": 0, "seed": 0, "snapshots": "[]"}}
 
 
 def copy_repo(dst: Path, params_file: str = "params.yaml", **params) -> Path:

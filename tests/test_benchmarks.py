@@ -24,3 +24,13 @@ def test_gpu_benchmark_runs_every_section_in_smoke_mode():
     assert ren["batched_speedup"] == pytest.approx(ren["one_at_a_time_s_per_channel"] / ren["batched_s_per_channel"])
     if "lucent_error" not in ren:  # Lucent is a benchmark-only extra
         assert ren["batched_vs_lucent"] == pytest.approx(ren["lucent_s_per_channel"] / ren["batched_s_per_channel"])
+
+
+@pytest.mark.slow
+def test_similarity_benchmark_runs_in_quick_mode():
+    import bench_similarity
+
+    r = bench_similarity.run(quick=True)
+    for c in r["cases"].values():
+        assert c["ratio"] == pytest.approx(c["compare_s"] / c["plain_s"])
+        assert c["gram_precision"] < 1e-4

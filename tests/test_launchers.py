@@ -74,3 +74,27 @@ def test_failure_in_a_joblib_worker_sets_the_exit_code(tmp_path):
                   "data=imagefolder", f"data.root={tmp_path / 'nowhere'}", "train.epochs=1"], tmp_path)
     assert out.returncode == 2  # a data error: the user can fix it
     assert "image folder not found" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_joblib_sweep_and_the_same_jobs_run_one_by_one_give_identical_weights(tmp_path):
+    """Issue 15, item 6: joblib's workers are limited to one thread each and a plain run gets all cores; probe
+    sets torch's thread count from `threads` in both, so the weights are the same bytes. vgg_small for one
+    epoch is a model whose weights do depend on the thread count (checked below), so the test can fail."""
+    common = ["model=vgg_small", "train.epochs=1", "progress=false"]
+    out = _probe(["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *common, "seed=0,1"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    swept = {json.loads(c.read_text())["seed"]: (c.parent / "model.safetensors").read_bytes()
+             for c in (tmp_path / "multirun" / "train").glob("*/*/card.json")}
+
+    def alone(seed, *extra):
+        run = tmp_path / f"alone{seed}-{len(extra)}"
+        done = _probe(["train", *common, f"seed={seed}", *extra, f"run_dir={run}", f"hydra.run.dir={run}/logs"],
+                      tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return (run / "model.safetensors").read_bytes()
+
+    assert sorted(swept) == [0, 1]
+    for seed in (0, 1):
+        assert alone(seed) == swept[seed], seed
+    assert alone(0, "threads=2") != swept[0]  # the thread count matters for this model

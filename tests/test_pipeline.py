@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from repo_copy import copy_repo
+from repo_copy import TINY_RUNS, copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,7 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A git repository holding the files of this one, with two tiny runs in params.yaml."""
-    return copy_repo(tmp_path_factory.mktemp("repo"), runs={"tiny": {"model": "tiny_cnn", "epochs": 1},
-                                                           "tiny_random": {"model": "tiny_cnn", "epochs": 0}})
+    return copy_repo(tmp_path_factory.mktemp("repo"), runs=TINY_RUNS)
 
 
 def test_dvc_repro_runs_every_stage_then_nothing(repo):
@@ -38,6 +37,18 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     again = _sh(["dvc", "repro"], repo)
     assert "Running stage" not in again
     assert "up to date" in again.lower()
+
+
+def test_a_fresh_clone_reproduces_the_committed_lock_exactly(repo, tmp_path):
+    """Issue 15, item 12: what DVC hashes holds no path, clock, version or thread count of the machine, so
+    `dvc repro` in a fresh clone (another folder, another thread limit) leaves `git status` clean."""
+    _sh(["git", "add", "-A"], repo)
+    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "lock"], repo)
+    clone = tmp_path / "clone"
+    _sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    out = _sh(["env", "OMP_NUM_THREADS=2", "dvc", "repro"], clone)
+    assert "Running stage 'train@tiny'" in out  # a fresh clone has no outputs: every stage ran
+    assert _sh(["git", "status", "--porcelain"], clone) == ""
 
 
 def test_dvc_experiment_changes_a_param_and_shows_metrics(repo):

@@ -89,7 +89,7 @@ def test_init_writes_a_study_that_git_and_dvc_know(tmp_path):
     with Repo(str(study)) as repo:  # DVC's own parser and interpolation of dvc.yaml against params.yaml
         names = {s.name for s in repo.index.stages}
         metrics = [m for ms in repo.index._metrics.values() for m in ms]
-    assert names == {f"{s}@{r}" for s in RUN_STAGES for r in params["runs"]} | {"report"}
+    assert names == {f"{s}@{r}" for s in RUN_STAGES for r in params["runs"]} | {"compare", "report"}
     assert sorted(metrics) == sorted(f"artifacts/{r}/{folder}/metrics.json"
                                      for r in params["runs"] for folder in ANALYSES.values())
 
@@ -177,10 +177,10 @@ def test_side_pipelines_stay_out_of_the_roots_metrics_and_plots(tmp_path):
         else:
             declared = data[""]["data"]
             errors = [f for f, result in declared.items() if "error" in result]
-        assert all(f.startswith("artifacts/") for f in errors), errors
+        assert all(f.startswith(("artifacts/", "comparisons/")) for f in errors), errors
     runs = yaml.safe_load((REPO / "params.yaml").read_text())["runs"]
-    assert set(declared) == {f"artifacts/{r}/{sub}metrics.json" for r in runs  # every run's, and only these
-                             for sub in ["", *(f"{folder}/" for folder in ANALYSES.values())]}
+    assert set(declared) == {"comparisons/default/metrics.json"} | {  # every run's, and only these
+        f"artifacts/{r}/{sub}metrics.json" for r in runs for sub in ["", *(f"{folder}/" for folder in ANALYSES.values())]}
     for side in ("cifar10", "torchvision"):
         listed = _run(["dvc", "stage", "list"], copy / "pipelines" / side)
         assert listed.returncode == 0 and "report" in listed.stdout, listed.stderr
@@ -345,6 +345,9 @@ def test_a_study_of_ones_own_model_runs_end_to_end(tmp_path):
     assert sorted(r["label"] for r in report["runs"]) == ["shapes", "shapes_random"]  # side by side
     assert all(set(ANALYSES.values()) <= set(r["metrics"]) for r in report["runs"])
     assert "shapes_random" in (study / "reports" / "study" / "index.html").read_text()
+    compared = json.loads((study / "comparisons" / "study" / "metrics.json").read_text())  # the two side by side
+    assert set(compared["weights_sha256"]) == {"shapes", "shapes_random"} and "shapes~shapes_random" in compared["cka_last_conv"]
+    assert "comparison" in report["tables"] and not report["missing"].get("comparison")
 
     second = _run(["dvc", "repro"], study)
     assert second.returncode == 0, second.stderr
@@ -352,8 +355,8 @@ def test_a_study_of_ones_own_model_runs_end_to_end(tmp_path):
     shown = _run(["dvc", "metrics", "show", "--json"], study)
     assert shown.returncode == 0 and "failed to load" not in shown.stderr, shown.stderr
     files = json.loads(shown.stdout)[""]["data"]
-    assert {f for f, result in files.items() if "error" not in result} == {  # every run's metrics are declared
-        f"artifacts/{run}/{sub}metrics.json" for run in ("shapes", "shapes_random")
+    assert {f for f, result in files.items() if "error" not in result} == {"comparisons/study/metrics.json"} | {
+        f"artifacts/{run}/{sub}metrics.json" for run in ("shapes", "shapes_random")  # every run's is declared
         for sub in ["", *(f"{folder}/" for folder in ANALYSES.values())]}
 
     # the README's `dvc exp show` pattern: the kept columns name their run and stage

@@ -92,3 +92,27 @@ def test_a_verdict_needs_both_the_test_and_the_interval():
     assert Comparison.from_dict(c.to_dict()) == c
     tight = paired_comparison([1.0, 1.1, 0.9, 1.05, 0.95, 1.0], [0.0] * 6)
     assert tight.low > 0 and tight.distinguishable()
+
+
+def test_se_interval_is_the_t_interval_of_a_mean_given_its_standard_error():
+    from probe.uncertainty import mean_interval, se_interval
+
+    x = np.random.default_rng(3).normal(0.7, 0.1, 9)
+    want = mean_interval(x)
+    got = se_interval(float(x.mean()), float(x.std(ddof=1) / np.sqrt(9)), 8)
+    assert (got.value, got.low, got.high, got.n) == pytest.approx((want.value, want.low, want.high, want.n))
+    assert np.isnan(se_interval(0.5, 0.1, 0).low)  # one piece: no interval
+
+
+def test_se_difference_is_welchs_t_test_from_summary_statistics():
+    from scipy import stats
+
+    from probe.uncertainty import se_difference
+
+    a, b = np.random.default_rng(4).normal(0.8, 0.05, 6), np.random.default_rng(5).normal(0.7, 0.1, 4)
+    se_a, se_b = a.std(ddof=1) / np.sqrt(6), b.std(ddof=1) / np.sqrt(4)
+    c = se_difference(a.mean(), se_a, b.mean(), se_b, 5, 3)
+    welch = stats.ttest_ind(a, b, equal_var=False)
+    assert c.effect == pytest.approx(a.mean() - b.mean()) and c.p == pytest.approx(welch.pvalue)
+    ci = welch.confidence_interval(0.95)
+    assert (c.low, c.high) == pytest.approx((ci.low, ci.high))

@@ -44,6 +44,7 @@ def open_run(cfg: AnalysisStage) -> Context:
     """Seed, load the run (importing a model's code only when trusted: :func:`probe.pipeline.model.rebuild`)
     and its data split (``all``: every image), and pick the probe images (same for every model)."""
     seed_everything(cfg.seed, cfg.deterministic)
+    torch.set_num_threads(cfg.threads)  # from the config, never the launcher (probe/pipeline/config.py)
     run = load_run(cfg.run, trust=cfg.trust)
     data = run_data(run.card)
     ds = data.split(cfg.data.split)

@@ -139,8 +139,8 @@ def _precheck(stage: str, overrides: list[str]) -> None:
     if isinstance(obj, AnalysisStage):
         card = read_card(obj.run)
         _check_layers(stage, obj, card)
-    elif stage == "report":
-        from probe.pipeline.report.collect import find_run_dirs
+    elif stage in ("report", "compare"):
+        from probe.pipeline.rundir import find_run_dirs
 
         for path in find_run_dirs(obj.runs, obj.sweep):
             read_card(path)

@@ -18,6 +18,10 @@ from probe.pipeline.model import InputConfig, ModelConfig, check_model  # noqa: 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")
 DEVICES = ("auto", "cpu", "cuda")
 SPLITS = ("train", "val", "test", "all")
+# `threads`: torch's CPU kernels split reductions by thread, so weights and saliency maps depend on the thread
+# count at float rounding. Every stage sets it from its config rather than inheriting it from the launcher
+# (joblib's workers get one thread each, a plain run all cores), so a sweep and a sequential run of one job,
+# wherever they run, compute with the same number of threads.
 
 
 @dataclass
@@ -75,12 +79,14 @@ class TrainStage:
     seed: int = 0
     device: str = "auto"
     deterministic: bool = True
+    threads: int = 1  # torch's CPU threads: set, never inherited (the note on `threads` above)
     progress: bool = True  # progress bars (silent anyway when stderr is not a terminal)
     run_dir: str = "."
 
     def __post_init__(self) -> None:
         check_range("seed", self.seed, 0)
         check_choice("device", self.device, DEVICES)
+        check_range("threads", self.threads, 1)
         check_model(self.model, self.data)  # your own model is built and checked before anything is written
 
 
@@ -119,10 +125,12 @@ class AnalysisStage:
     seed: int = 0
     device: str = "auto"
     deterministic: bool = True
+    threads: int = 1  # torch's CPU threads: set, never inherited (the note on `threads` above)
 
     def __post_init__(self) -> None:
         check_range("seed", self.seed, 0)
         check_choice("device", self.device, DEVICES)
+        check_range("threads", self.threads, 1)
 
 
 def to_object(cfg: DictConfig):

@@ -30,7 +30,7 @@ from probe.pipeline.stages import SHARDS_DIR, run_dir_folders  # noqa: F401  (SH
 log = logging.getLogger(__name__)
 
 CARD_VERSION = 1
-# beside card.json: where and with what a run was made (git commit, library versions, torch threads); not an
+# beside card.json: where and with what a run was made (git commit, library versions); not an
 # output DVC hashes, so that outputs depend on the config and the seed only
 ENVIRONMENT = "environment.json"
 CARD_KEYS = ("card_version", "run_name", "model", "data", "params_total", "layers", "metrics", "seed")
@@ -268,6 +268,31 @@ class Run:
     @property
     def name(self) -> str:
         return self.card["run_name"]
+
+
+def find_run_dirs(runs: Sequence[str], sweep: str | None) -> list[Path]:
+    """The run dirs ``runs`` names, then every folder with a ``card.json`` below ``sweep`` (a Hydra multirun
+    dir or any folder of run dirs; hidden folders skipped), in path order."""
+    paths = [Path(r) for r in runs]
+    if sweep:
+        root = Path(sweep)
+        if not root.is_dir():
+            raise RunDirError(f"sweep: {root} does not exist")
+        found = sorted(p.parent for p in root.rglob("card.json") if not any(part.startswith(".") for part in p.parts))
+        if not found:
+            raise RunDirError(f"sweep: no run dirs (folders with card.json) under {root}")
+        paths += found
+    return paths
+
+
+def run_labels(paths: Sequence[Path]) -> list[str]:
+    """Unique labels for run dirs: the folder's name; a repeated one qualified with its parent folder
+    (``<parent>/<folder>``), and where that still repeats, the path as given. The report and the comparison
+    label runs the same way."""
+    labels = [Path(p).name for p in paths]
+    for qualify in (lambda p: f"{Path(p).parent.name}/{Path(p).name}", str):
+        labels = [qualify(p) if labels.count(label) > 1 else label for p, label in zip(paths, labels)]
+    return labels
 
 
 def load_run(run_dir: str | Path, trust: Sequence[str] = ()) -> Run:

@@ -89,6 +89,7 @@ def train(cfg: TrainStage) -> Path:
     interrupted one leaves ``.training/`` for ``train.resume=true``."""
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed, cfg.deterministic)
+    torch.set_num_threads(cfg.threads)  # from the config, never the launcher (probe/pipeline/config.py)
     device = pick_device(cfg.device)
     model, data, data_card, model_card = model_for(cfg)
     work = run_dir / TRAINING
@@ -206,11 +207,9 @@ def _train(cfg: TrainStage, model: nn.Module, data: DataBundle, data_card: dict,
         "seed": cfg.seed,
         "train": asdict(cfg.train),
     }
-    # what the run depends on but DVC must not hash (a fresh clone on another machine reproduces dvc.lock):
-    # the commit, library versions and thread count (CPU kernels split reductions by thread, so the same seed
-    # gives the same bytes at the same thread count)
-    write_json(work / ENVIRONMENT, {"git_commit": git_commit(), "versions": library_versions(),
-                                       "torch_threads": torch.get_num_threads()})
+    # where and with what the run was made, which DVC must not hash (a fresh clone on another machine
+    # reproduces dvc.lock): the commit and library versions (the thread count is config: `threads`)
+    write_json(work / ENVIRONMENT, {"git_commit": git_commit(), "versions": library_versions()})
     state_path.unlink(missing_ok=True)
     write_json(work / "card.json", card)
     return test_acc

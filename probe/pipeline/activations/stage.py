@@ -4,18 +4,18 @@ Files: stats.parquet, class_means.parquet, hist.parquet, exemplars.parquet, exem
 filters.npz, feature_maps.npz, metrics.json, PNG grids (``activations.images=true``) and, with
 ``activations.save_state=true``, state.npz (the mergeable accumulators).
 
-Sharded: ``probe activations run=<run> activations.shard=i/n`` streams only images
-``[i N // n, (i + 1) N // n)`` of the split (contiguous ranges, exemplar indices stay global) and writes
+Sharded: ``probe activations run=<run> activations.shard=i/n`` streams only the i-th of n contiguous ranges of
+whole batches of the split (:func:`shard_range`; exemplar indices stay global) and writes
 ``<run>/activations_shards/<i>-of-<n>/state.npz`` + ``shard.json`` (atomically);
 ``probe activations_merge run=<run> activations.shards=n`` checks that every shard is there and was computed
-with the same layers, data, histogram settings and weights, merges them and writes the same
-``activations/`` as one pass (counts, min, max, histograms, exemplar indices exact; sums to rounding). See stats.py for the definitions,
+with the same layers, data, batch size, histogram settings and weights, merges them and writes the same
+``activations/`` as one pass: every activation is the same bytes, so counts, min, max, histograms and exemplars
+are exact, and float64 sums differ only in the order they were added (about 1e-16 relative). See stats.py for the definitions,
 rectified.py for where dead units and class selectivity are defined, and :func:`metrics` for metrics.json.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -35,7 +35,7 @@ from probe.activations.stats import PopulationStats, selectivity
 from probe.pipeline.analysis import Context, open_run
 from probe.hooks import layer_outputs, resolve_layers
 from probe.errors import RunDirError
-from probe.pipeline.rundir import SHARDS_DIR, staged_dir, stamped
+from probe.pipeline.rundir import SHARDS_DIR, WEIGHTS_KEY, staged_dir, stamped, weights_digest
 from probe.files import write_json, write_npz
 from probe.runtime import pin_memory
 from probe.uncertainty import proportion_interval
@@ -92,24 +92,19 @@ def write_outputs(cfg: ActivationsStage, ctx: Context, layers: list[str], stats:
 
 
 # -- sharded extraction ------------------------------------------------------------------------
-def shard_range(total: int, i: int, n: int) -> tuple[int, int]:
-    """Shard ``i`` of ``n`` is the contiguous index range ``[i N // n, (i + 1) N // n)`` of the split.
-
-    Contiguous (not strided) ranges: each shard reads consecutive files, and sizes differ by at most one.
+def shard_range(total: int, i: int, n: int, batch: int = 1) -> tuple[int, int]:
+    """Shard ``i`` of ``n``: a contiguous index range of the split made of whole batches of ``batch`` images
+    (the split's ``B = ceil(N / batch)`` batches, shard i taking ``[i B // n, (i + 1) B // n)``; the last batch
+    may be short). Each shard then forwards exactly the batches the single pass forwards, so every activation is
+    the same bytes (a convolution's result can depend on the batch it is computed in), and shard sizes differ
+    by at most one batch. Contiguous, not strided: each shard reads consecutive files.
     """
-    return i * total // n, (i + 1) * total // n
+    blocks = -(-total // batch)
+    return min(i * blocks // n * batch, total), min((i + 1) * blocks // n * batch, total)
 
 
 def shard_dir(run: Path, i: int, n: int) -> Path:
     return Path(run) / SHARDS_DIR / f"{i}-of-{n}"
-
-
-def _weights_digest(run: Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(run) / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shard_key(cfg: ActivationsStage, ctx: Context, layers: list[str]) -> dict:
@@ -118,12 +113,13 @@ def _shard_key(cfg: ActivationsStage, ctx: Context, layers: list[str]) -> dict:
     return {"images": len(ctx.dataset), "layers": list(layers), "split": cfg.data.split, "limit": cfg.data.limit,
             "top_k": a.top_k, "hist_bits": a.hist_bits, "hist_octaves": a.hist_octaves,
             "hist_stride": a.hist_stride, "num_classes": _num_classes(ctx), "amp": a.amp and ctx.device.type == "cuda",
-            "weights_sha256": _weights_digest(ctx.run.path)}
+            "batch_size": cfg.data.batch_size,
+            WEIGHTS_KEY: weights_digest(ctx.run.path)}
 
 
 def run_shard(cfg: ActivationsStage, ctx: Context, layers: list[str], i: int, n: int) -> Path:
     """Statistics of shard ``i`` of ``n`` -> ``<run>/activations_shards/<i>-of-<n>/{state.npz, shard.json}``."""
-    lo, hi = shard_range(len(ctx.dataset), i, n)
+    lo, hi = shard_range(len(ctx.dataset), i, n, cfg.data.batch_size)
     stats, _ = _collect(cfg, ctx, layers, Subset(ctx.dataset, list(range(lo, hi))), lo)
     out = shard_dir(ctx.run.path, i, n)
     with staged_dir(out) as tmp:
@@ -152,8 +148,9 @@ def merge(cfg: ActivationsMergeStage) -> Path:
             raise RunDirError(f"{f}: shard computed with other {', '.join(diff)} than this merge "
                               "(rerun it with the same activations.layers/data/histogram settings on the same "
                               "weights)")
-        if (info["start"], info["stop"]) != shard_range(key["images"], i, n):
-            raise RunDirError(f"{f}: covers images {info['start']}..{info['stop']}, expected {shard_range(key['images'], i, n)}")
+        expected = shard_range(key["images"], i, n, key["batch_size"])
+        if (info["start"], info["stop"]) != expected:
+            raise RunDirError(f"{f}: covers images {info['start']}..{info['stop']}, expected {expected}")
         shard = PopulationStats.load(f / "state.npz")
         stats = shard if stats is None else stats.merge(shard)
     log.info("activations_merge: %d shards of %s", n, ctx.run.path)

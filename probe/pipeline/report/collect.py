@@ -13,21 +13,32 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from probe.errors import RunDirError
-from probe.pipeline.rundir import read_card, stale
+from probe.pipeline.rundir import read_card, run_labels, stale
 from probe.pipeline.stages import result_folders, writer
+
+
+def hydra_value(path: Path | str) -> str:
+    """``path`` as a Hydra override value: plain where it is only letters, digits and ``_./-``, else a quoted
+    string (quotes escaped, and the backslashes right before a quote or the end doubled). A sweep's run dirs are
+    named after their overrides (``model=lenet5,seed=0``), which Hydra reads as syntax unless quoted."""
+    path = str(path)
+    if re.fullmatch(r"[A-Za-z0-9_./-]+", path):
+        return path
+    body = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', path)
+    return '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body) + '"'
 
 
 def stage_command(folder: str, run: Path) -> str:
     """The shell command that writes result ``folder`` (``activations``, ``synthesis`` ...) for ``run``, quoted so
-    that it can be pasted: a sweep's run dirs are named after their overrides (``model=lenet5,seed=0``), which
-    Hydra reads as syntax unless the value is a quoted string, and the shell needs the whole override quoted."""
-    path = str(run)
-    if re.fullmatch(r"[A-Za-z0-9_./-]+", path):
-        value = path
-    else:  # a Hydra quoted string: quotes escaped, and the backslashes right before a quote (or the end) doubled
-        body = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', path)
-        value = '"' + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body) + '"'
-    return f"probe {writer(folder).name} {shlex.quote('run=' + value)}"
+    that it can be pasted (the shell needs the whole override quoted)."""
+    return f"probe {writer(folder).name} {shlex.quote('run=' + hydra_value(run))}"
+
+
+def compare_command(runs: list[Path], out: Path) -> str:
+    """The shell command that writes the comparison folder ``out`` for ``runs``, quoted like :func:`stage_command`."""
+    listed = ",".join(hydra_value(r) for r in runs)
+    return (f"probe compare {shlex.quote(f'runs=[{listed}]')} {shlex.quote('name=' + hydra_value(out.name))} "
+            f"{shlex.quote('out_dir=' + hydra_value(out.parent))}")
 
 
 @dataclass
@@ -67,19 +78,6 @@ class RunData:
         return {row["name"]: i for i, row in enumerate(self.card["layers"])}
 
 
-def find_run_dirs(runs: list[str], sweep: str | None) -> list[Path]:
-    paths = [Path(r) for r in runs]
-    if sweep:
-        root = Path(sweep)
-        if not root.is_dir():
-            raise RunDirError(f"sweep: {root} does not exist")
-        found = sorted(p.parent for p in root.rglob("card.json") if not any(part.startswith(".") for part in p.parts))
-        if not found:
-            raise RunDirError(f"sweep: no run dirs (folders with card.json) under {root}")
-        paths += found
-    return paths
-
-
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -105,11 +103,8 @@ def load_runs(paths: list[Path]) -> list[RunData]:
             if m.is_file() and folder not in stale_folders:
                 metrics[folder] = json.loads(m.read_text())
         runs.append(RunData(card["run_name"], p, card, config, metrics, stale_folders))
-    # labels must be unique: qualify repeated names with their parent folder
-    names = [r.label for r in runs]
-    for r in runs:
-        if names.count(r.label) > 1:
-            r.label = f"{r.path.parent.name}/{r.path.name}"
+    for r, label in zip(runs, run_labels([r.path for r in runs])):
+        r.label = label
     return runs
 
 
@@ -120,7 +115,7 @@ def differing_keys(runs: list[RunData]) -> list[str]:
 
 
 # Keys that say where or how a run was computed, not what: never a reason to keep runs apart.
-RUNTIME_KEYS = frozenset({"run_dir", "device", "progress", "data.root", "data.download", "data.num_workers"})
+RUNTIME_KEYS = frozenset({"run_dir", "device", "threads", "progress", "train.snapshot_epochs", "data.root", "data.download", "data.num_workers"})
 # Keys a sweep repeats a configuration over: the aggregate is over these.
 SEED_KEYS = frozenset({"seed"})
 

@@ -14,6 +14,7 @@ class ReportStage:
     sweep: Optional[str] = None  # a Hydra multirun dir: every run dir below it
     name: str = "default"  # written to <out_dir>/<name>/index.html and report.json
     out_dir: str = "reports"
+    comparison: Optional[str] = None  # a `probe compare` folder (comparisons/<name>) of these runs
     images: int = 6  # probe images shown in the image grids
     units: int = 4  # units per model shown with their top exemplars
 

@@ -8,14 +8,21 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from probe.pipeline.report import sections
+from probe.pipeline.report.comparison import comparison
 from probe.pipeline.report.claims import FILTERS
-from probe.pipeline.report.collect import differing_keys, find_run_dirs, load_runs
+from probe.pipeline.report.collect import differing_keys, load_runs
 from probe.pipeline.report.config import ReportStage
 from probe.pipeline.report.figures import palette
-from probe.pipeline.rundir import staged_dir
+from probe.pipeline.rundir import find_run_dirs, staged_dir
 from probe.files import write_bytes, write_json
 
 log = logging.getLogger(__name__)
+
+
+def untrained_of(runs):
+    """A run -> the untrained run of its model on the page (None where there is none)."""
+    pairs = dict((t.label, u) for t, u in sections.baseline_pairs(runs))
+    return lambda r: pairs.get(r.label)
 
 
 def render(cfg: ReportStage) -> tuple[str, dict]:
@@ -32,6 +39,7 @@ def render(cfg: ReportStage) -> tuple[str, dict]:
         sections.synthesis(runs),
         sections.geometry(runs, colours),
         sections.baseline(runs),
+        comparison(runs, cfg.comparison, untrained_of(runs)),
         sections.sweeps(runs, colours),
     ]
     parts = [p for p in parts if p is not None]
