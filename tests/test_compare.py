@@ -143,3 +143,12 @@ def test_the_report_shows_the_comparison_and_flags_it_stale_after_retraining(run
     missing = json.loads((out / "default" / "report.json").read_text())["missing"]["comparison"]
     assert [m["run"] for m in missing] == ["b"] and "other weights" in missing[0]["why"]
     assert missing[0]["command"].startswith("probe compare 'runs=[")
+
+
+def test_the_minibatch_leaves_at_least_two_of_them_and_a_tiny_split_is_refused():
+    from probe.errors import ConfigError
+    from probe.pipeline.compare.stage import minibatch_size
+
+    assert minibatch_size(270, 64) == 64 and minibatch_size(36, 64) == 18 and minibatch_size(8, 64) == 4
+    with pytest.raises(ConfigError, match="data.split: 7 images"):
+        minibatch_size(7, 64)

@@ -90,8 +90,8 @@ def test_init_writes_a_study_that_git_and_dvc_know(tmp_path):
         names = {s.name for s in repo.index.stages}
         metrics = [m for ms in repo.index._metrics.values() for m in ms]
     assert names == {f"{s}@{r}" for s in RUN_STAGES for r in params["runs"]} | {"compare", "report"}
-    assert sorted(metrics) == sorted(f"artifacts/{r}/{folder}/metrics.json"
-                                     for r in params["runs"] for folder in ANALYSES.values())
+    assert sorted(metrics) == sorted(["comparisons/study/metrics.json"] + [
+        f"artifacts/{r}/{folder}/metrics.json" for r in params["runs"] for folder in ANALYSES.values()])
 
 
 def test_init_inside_a_git_repository_makes_a_dvc_subrepo(tmp_path):

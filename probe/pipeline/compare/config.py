@@ -15,8 +15,8 @@ class CompareData:
     """The images every run sees (each prepared as its own model takes them)."""
 
     split: str = "test"  # train | val | test | all, of the dataset the runs were trained on
-    # the CKA minibatch (Nguyen et al. 2021 use one fixed size): the images left over after the last full
-    # minibatch are not used (counted in metrics.json)
+    # the CKA minibatch (Nguyen et al. 2021 use one fixed size; half the images where that is smaller): the
+    # images left over after the last full minibatch are not used (counted in metrics.json)
     batch_size: int = 64
     limit: Optional[int] = None  # only the first `limit` images of the split
 

@@ -65,18 +65,20 @@ def _compare(cfg: CompareStage, paths: list[Path], device: torch.device) -> Path
     runs = [load_run(p, trust=cfg.trust) for p in paths]
     labels = run_labels(paths)
     check_same_images(runs, labels)
-    loaders = [_loader(r, cfg) for r in runs]
+    splits = [_split(r, cfg) for r in runs]
+    batch = minibatch_size(len(splits[0]), cfg.data.batch_size)
+    loaders = [DataLoader(ds, batch_size=batch, shuffle=False) for ds in splits]
     names = [f"r{i}" for i in range(len(runs))]  # compare's model names (labels may hold '/')
     models = dict(zip(names, (r.model for r in runs)))
     pairs = same_architecture(runs)
     match = [(f"{names[i]}/{layer}", f"{names[j]}/{layer}") for i, j in pairs for layer in unit_layers(runs[i].model)]
     sim = compare(models, _zip(names, loaders), device=device, match=match if cfg.compare.match else (),
-                  batch_size=cfg.data.batch_size)
+                  batch_size=batch)
     label_of = dict(zip(names, labels))
     cka = _split_keys(sim.result(), label_of)
     units = pd.concat([_unit_rows(u, label_of) for u in sim.units.values()] or [_unit_rows(None, label_of)],
                       ignore_index=True)
-    dynamics = pd.concat([snapshot_cka(r, label, loader, cfg.data.batch_size, device)
+    dynamics = pd.concat([snapshot_cka(r, label, loader, batch, device)
                           for r, label, loader in zip(runs, labels, loaders) if cfg.compare.snapshots] or [_no_dynamics()],
                          ignore_index=True)
     final = Path(cfg.out_dir) / cfg.name
@@ -101,11 +103,21 @@ def check_same_images(runs: list[Run], labels: list[str]) -> None:
                                   f"{getattr(first, key)!r}; compare needs runs whose split holds the same images")
 
 
-def _loader(r: Run, cfg: CompareStage) -> DataLoader:
+def _split(r: Run, cfg: CompareStage):
     ds = run_data(r.card).split(cfg.data.split)
     if cfg.data.limit is not None and cfg.data.limit < len(ds):
         ds = Subset(ds, list(range(cfg.data.limit)))
-    return DataLoader(ds, batch_size=cfg.data.batch_size, shuffle=False)
+    return ds
+
+
+def minibatch_size(images: int, wanted: int) -> int:
+    """``data.batch_size``, or half the images where that is smaller: at least two minibatches, so that every CKA
+    has a standard error; a split of fewer than 8 images (two minibatches of 4, the unbiased HSIC's minimum) is
+    refused."""
+    size = min(wanted, images // 2)
+    if size < 4:
+        raise ConfigError(f"data.split: {images} images; compare needs at least 8 (two minibatches of 4)")
+    return size
 
 
 def _zip(names: list[str], loaders: list[DataLoader]):
