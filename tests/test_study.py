@@ -90,8 +90,8 @@ def test_init_writes_a_study_that_git_and_dvc_know(tmp_path):
         names = {s.name for s in repo.index.stages}
         metrics = [m for ms in repo.index._metrics.values() for m in ms]
     assert names == {f"{s}@{r}" for s in RUN_STAGES for r in params["runs"]} | {"compare", "report"}
-    assert sorted(metrics) == sorted(["comparisons/study/metrics.json"] + [
-        f"artifacts/{r}/{folder}/metrics.json" for r in params["runs"] for folder in ANALYSES.values()])
+    assert sorted(metrics) == sorted(f"artifacts/{r}/{folder}/metrics.json"
+                                     for r in params["runs"] for folder in ANALYSES.values())
 
 
 def test_init_inside_a_git_repository_makes_a_dvc_subrepo(tmp_path):
@@ -355,8 +355,8 @@ def test_a_study_of_ones_own_model_runs_end_to_end(tmp_path):
     shown = _run(["dvc", "metrics", "show", "--json"], study)
     assert shown.returncode == 0 and "failed to load" not in shown.stderr, shown.stderr
     files = json.loads(shown.stdout)[""]["data"]
-    assert {f for f, result in files.items() if "error" not in result} == {"comparisons/study/metrics.json"} | {
-        f"artifacts/{run}/{sub}metrics.json" for run in ("shapes", "shapes_random")  # every run's is declared
+    assert {f for f, result in files.items() if "error" not in result} == {  # every run's metrics are declared
+        f"artifacts/{run}/{sub}metrics.json" for run in ("shapes", "shapes_random")
         for sub in ["", *(f"{folder}/" for folder in ANALYSES.values())]}
 
     # the README's `dvc exp show` pattern: the kept columns name their run and stage
