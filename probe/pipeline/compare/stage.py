@@ -87,7 +87,7 @@ def _compare(cfg: CompareStage, paths: list[Path], device: torch.device) -> Path
         units.to_parquet(tmp / "units.parquet", index=False)
         dynamics.to_parquet(tmp / "dynamics.parquet", index=False)
         save_heatmaps(cka, labels, tmp / "cka.png")
-        write_json(tmp / "metrics.json", metrics(cka, sim, runs, labels, pairs))
+        write_json(tmp / "metrics.json", metrics(cka, sim, runs, labels))
     log.info("compare: %d runs, %d layer pairs, %d images -> %s", len(runs), len(cka), sim.images, final)
     return final
 
@@ -160,8 +160,11 @@ def _unit_rows(u, label_of: dict[str, str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[UNIT_COLUMNS]
 
 
+DYNAMICS_COLUMNS = ["run", "epoch", "layer", "cka", "se"]
+
+
 def _no_dynamics() -> pd.DataFrame:
-    return pd.DataFrame(columns=["run", "epoch", "layer", "cka", "se"])
+    return pd.DataFrame(columns=DYNAMICS_COLUMNS)
 
 
 def snapshot_cka(r: Run, label: str, loader: DataLoader, batch_size: int, device: torch.device) -> pd.DataFrame:
@@ -177,15 +180,11 @@ def snapshot_cka(r: Run, label: str, loader: DataLoader, batch_size: int, device
         load_into(m, read_state_dict(path), str(path))
         models[f"e{epoch}"] = m
     sim = compare(models, ({n: x for n in models} for x, _ in loader), device=device, batch_size=batch_size)
-    df = sim.result()
-    a = df["key_a"].str.split("/", n=1, expand=True)
-    b = df["key_b"].str.split("/", n=1, expand=True)
-    rows = []
-    for (ma, la), (mb, lb), c, s in zip(a.itertuples(index=False), b.itertuples(index=False), df["cka"], df["se"]):
-        if la == lb and {ma, mb} & {"final"} and ma != mb:
-            snap = mb if ma == "final" else ma
-            rows.append({"run": label, "epoch": int(snap[1:]), "layer": la, "cka": c, "se": s})
-    out = pd.DataFrame(rows, columns=["run", "epoch", "layer", "cka", "se"])
+    df = _split_keys(sim.result(), {n: n for n in models})
+    df = df[(df.layer_a == df.layer_b) & (df.run_a != df.run_b) & ((df.run_a == "final") | (df.run_b == "final"))]
+    snap = df.run_b.where(df.run_a == "final", df.run_a)
+    out = pd.DataFrame({"run": label, "epoch": snap.str[1:].astype(int), "layer": df.layer_a, "cka": df.cka,
+                        "se": df.se})[DYNAMICS_COLUMNS]
     return out.sort_values("epoch", kind="stable", ignore_index=True)  # layers stay in model order
 
 
@@ -196,7 +195,7 @@ def _cka_of(cka: pd.DataFrame, ra: str, la: str, rb: str, lb: str) -> pd.Series 
     return None if hit.empty else hit.iloc[0]
 
 
-def metrics(cka: pd.DataFrame, sim, runs: list[Run], labels: list[str], pairs: list[tuple[int, int]]) -> dict:
+def metrics(cka: pd.DataFrame, sim, runs: list[Run], labels: list[str]) -> dict:
     """Small and flat, for DVC: per pair of runs ``"a~b"`` the CKA (and its standard error) of their first and of
     their last conv layers, and for runs of one architecture the share of units whose one-to-one partner
     correlates above 0.5 and above 0.8 (all matched layers together)."""

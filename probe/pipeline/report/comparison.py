@@ -26,6 +26,7 @@ import pandas as pd
 from probe.pipeline.report.claims import claim, verdict
 from probe.pipeline.report.collect import RunData, compare_command, seed_groups
 from probe.pipeline.report.figures import png_uri
+from probe.pipeline.report.sections import _table, untrained
 from probe.pipeline.rundir import weights_digest
 from probe.uncertainty import adjust, proportion_interval, se_difference, se_interval
 
@@ -112,8 +113,6 @@ def _seed_band(s: dict, runs: list[RunData], cka: CKATable, untrained_of) -> dic
     if rows:
         s["blocks"].append({"kind": "text", "text": "The seed band: how similar two trainings of the same network are, "
                             "layer by layer. It is the yardstick for every difference between models below."})
-        from probe.pipeline.report.sections import _table
-
         s["blocks"].append(_table("CKA of each layer with the same layer of another seed, and with the untrained run",
                                   pd.DataFrame(rows)))
     else:
@@ -124,8 +123,6 @@ def _seed_band(s: dict, runs: list[RunData], cka: CKATable, untrained_of) -> dic
 
 
 def _across_models(s: dict, runs: list[RunData], cka: CKATable, band: dict) -> None:
-    from probe.pipeline.report.sections import _table, untrained
-
     trained = [r for r in runs if not untrained(r)]
     tests = []  # (a, la, b, lb, which, est row, against label, band row)
     for a, b in combinations(trained, 2):
@@ -167,8 +164,6 @@ def _across_models(s: dict, runs: list[RunData], cka: CKATable, band: dict) -> N
 
 
 def _units(s: dict, folder: Path, runs: list[RunData]) -> None:
-    from probe.pipeline.report.sections import _table
-
     path = folder / "units.parquet"
     if not path.is_file():
         return
