@@ -32,3 +32,13 @@ def copy_repo(dst: Path, params_file: str = "params.yaml", **params) -> Path:
                 ["git", "-c", "user.name=probe", "-c", "user.email=probe@localhost", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dst, capture_output=True, text=True, check=True)
     return dst
+
+
+def report_pages(folder: Path) -> dict[str, str]:
+    """Every HTML page of a report folder: relative path -> text."""
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(Path(folder).rglob("*.html"))}
+
+
+def report_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a report folder: relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}

@@ -1,7 +1,5 @@
-"""The report: every section for complete runs, self-contained, escaped, deterministic, and fine in a browser."""
+"""The report: every page for complete runs, self-contained, linked, escaped, deterministic, and fine in a browser."""
 
-import base64
-import io
 import json
 import re
 import shutil
@@ -13,15 +11,17 @@ from PIL import Image
 
 from probe.pipeline.cli import main
 from probe.pipeline.stages import STAGES
+from repo_copy import report_files, report_pages
 
-# the sections of the run cards, then those of each stage's folder
-SECTIONS = ["overview", "architecture", *(sid for s in STAGES.values() for sid in s.sections)]
+# the index's sections, a run page's, a layer page's, then those of each stage's folder
+SECTIONS = ["findings", "training", "runs", "analyses", "run", "layers", "place", "population", "units", "atlas",
+            *(sid for s in STAGES.values() for sid in s.sections)]
 
 
 class Page(HTMLParser):
     def __init__(self, html: str):
         super().__init__()
-        self.ids, self.imgs, self.resources, self.scripts = [], [], [], 0
+        self.ids, self.imgs, self.links, self.resources, self.scripts = [], [], [], [], 0
         self.feed(html)
 
     def handle_starttag(self, tag, attrs):
@@ -30,42 +30,70 @@ class Page(HTMLParser):
             self.ids.append(a["id"])
         if tag == "img":
             self.imgs.append(a.get("src", ""))
-        if tag == "script":
+        if tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        if tag in ("script", "link", "iframe", "object", "embed"):
             self.scripts += 1
         for key in ("src", "href"):
-            if key in a and re.match(r"(https?:)?//", a[key] or ""):
+            if key in a and re.match(r"(https?:)?//|data:|javascript:", a[key] or ""):
                 self.resources.append(a[key])
 
 
-def _report(tmp_path, *args) -> tuple[str, dict]:
+def _report(tmp_path, *args) -> tuple[dict[str, str], dict]:
     assert main(["report", *args, f"out_dir={tmp_path / 'reports'}", "name=t"]) == 0
     folder = tmp_path / "reports" / "t"
-    return (folder / "index.html").read_text(), json.loads((folder / "report.json").read_text())
+    return report_pages(folder), json.loads((folder / "report.json").read_text())
+
+
+def check_site(folder: Path) -> dict[str, Page]:
+    """Every page parses; every image is a file of the folder that decodes; every link resolves to a page of the
+    folder and, with a fragment, to an id on it; nothing is fetched from elsewhere and no page runs a script."""
+    pages = {rel: Page(html) for rel, html in report_pages(folder).items()}
+    for rel, page in pages.items():
+        assert page.resources == [] and page.scripts == 0, rel
+        for src in page.imgs:
+            path = folder / src
+            assert path.is_file() and path.resolve().is_relative_to(folder.resolve()), (rel, src)
+            with Image.open(path) as im:
+                im.verify()
+        for href in page.links:
+            target, _, frag = href.partition("#")
+            target = target or rel
+            assert target in pages, (rel, href)
+            assert not frag or frag in pages[target].ids, (rel, href)
+    return pages
 
 
 @pytest.mark.slow
-def test_complete_runs_give_every_section_with_valid_images(complete_runs, tmp_path):
+def test_complete_runs_give_every_page_linked_with_valid_images(complete_runs, tmp_path):
     html, numbers = _report(tmp_path, f"runs=[{complete_runs[0]},{complete_runs[1]}]")
-    page = Page(html)
+    folder = tmp_path / "reports" / "t"
+    pages = check_site(folder)
+    ids = {i for p in pages.values() for i in p.ids}
     for sid in SECTIONS:
-        assert sid in page.ids, sid
-    assert "Missing for" not in html
-    assert page.resources == [] and page.scripts == 0 and "http://" not in html and "https://" not in html
-    assert len(page.imgs) >= 10
-    for src in page.imgs:
-        assert src.startswith("data:image/png;base64,")
-        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+        assert sid in ids, sid
+    assert not any("Missing for" in h for h in html.values())
+    assert sum(len(p.imgs) for p in pages.values()) >= 40
+    # a page per run, per analysed layer and an atlas of every layer's units
+    stats = __import__("pandas").read_parquet(complete_runs[0] / "activations" / "stats.parquet")
+    for layer in stats["layer"].unique():
+        atlas = next(r for r in pages if r.startswith("atlas-tiny_a-") and r.endswith(f"-{layer}.html"))
+        units = stats[stats["layer"] == layer]["channel"]
+        assert {f"unit-{u}" for u in units} <= set(pages[atlas].ids), layer
+    assert sorted(numbers["pages"]) == sorted(pages)
     assert [r["label"] for r in numbers["runs"]] == ["tiny_a", "tiny_b"]
     assert numbers["differing_keys"] == ["seed"]
     # the same-model runs that differ in seed are aggregated
-    assert "sweeps" in page.ids
+    assert "sweeps" in ids
+    assert (folder / "findings.md").read_text().startswith("| run |")
 
 
 @pytest.mark.slow
 def test_same_inputs_give_identical_bytes(complete_runs, tmp_path):
-    a, _ = _report(tmp_path / "a", f"runs=[{complete_runs[0]}]")
-    b, _ = _report(tmp_path / "b", f"runs=[{complete_runs[0]}]")
-    assert a == b
+    _report(tmp_path / "a", f"runs=[{complete_runs[0]}]")
+    _report(tmp_path / "b", f"runs=[{complete_runs[0]}]")
+    a, b = (report_files(tmp_path / x / "reports" / "t") for x in "ab")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
 
 
 @pytest.mark.slow
@@ -75,7 +103,7 @@ def test_missing_artefacts_are_named_with_the_command(complete_runs, tmp_path):
     shutil.rmtree(bare / "saliency")
     html, numbers = _report(tmp_path, f"runs=[{bare}]")
     assert "saliency" in numbers["missing"]
-    assert f"probe saliency run={bare}" in html
+    assert f"probe saliency run={bare}" in html["saliency.html"]
     assert "filters" not in numbers["missing"]
 
 
@@ -86,10 +114,15 @@ def test_markup_in_names_and_config_is_escaped(complete_runs, tmp_path):
     card = json.loads((evil / "card.json").read_text())
     card["run_name"] = "<script>alert(1)</script>"
     card["data"]["name"] = "<img src=x onerror=alert(2)>"
+    card["data"]["classes"] = ["<b onclick=alert(3)>"] + card["data"]["classes"][1:]
     (evil / "card.json").write_text(json.dumps(card))
     html, _ = _report(tmp_path, f"runs=['{evil}',{complete_runs[1]}]")
-    assert "<script>" not in html and "<img src=x" not in html
-    assert "&lt;script&gt;alert(1)" in html and "&lt;img src=x onerror=alert(2)&gt;" in html
+    every = "".join(html.values())
+    assert "<script>" not in every and "<img src=x" not in every and "<b onclick" not in every
+    assert "&lt;script&gt;alert(1)" in html["index.html"] and "&lt;img src=x onerror=alert(2)&gt;" in every
+    assert "&lt;b onclick=alert(3)&gt;" in every  # class names on the atlas and run pages, escaped
+    assert all("<" not in name and ">" not in name for name in html)  # page names are slugs
+    check_site(tmp_path / "reports" / "t")
 
 
 def test_no_runs_and_bad_run_dirs_exit_2(tmp_path, capsys):
@@ -241,7 +274,8 @@ def _saliency_run(root, name, true_del, true_ins, target="logit"):
 
 def test_saliency_table_is_metrics_json_of_the_true_class_rows_with_its_comparisons(tmp_path):
     d, df = _saliency_run(tmp_path, "trained", 0.3, 0.7)
-    html, numbers = _report(tmp_path, f"runs=[{d}]")
+    pages, numbers = _report(tmp_path, f"runs=[{d}]")
+    html = pages["saliency.html"]
     deletion, insertion = numbers["tables"]["saliency"][:2]
     assert deletion["caption"].startswith("Deletion AUC") and insertion["caption"].startswith("Insertion AUC")
     rows = {r[1]: dict(zip(deletion["columns"], r)) for r in deletion["rows"]}
@@ -400,3 +434,37 @@ def test_a_pasted_hint_runs_on_a_sweep_style_run_dir(complete_runs, tmp_path):
     argv = shlex.split(stage_command("geometry", run))
     assert main([*argv[1:], "data.probe_per_class=1", "geometry.erf.noise_images=2"]) == 0
     assert (run / "geometry" / "metrics.json").is_file()
+
+
+def test_findings_are_written_from_the_metrics_and_follow_them(tmp_path):
+    """Change a number in a metrics file and the sentence changes with it (Wilson's interval recomputed here)."""
+    from probe.pipeline.report import findings as F
+
+    def confusion(correct: int) -> list[list[int]]:  # 2 classes, 50 test images each
+        return [[correct, 50 - correct], [10, 40]]
+
+    def sentences(runs):
+        loaded = load_runs(runs)
+        return [f["text"] for f in F.findings(loaded, [], {"batches": 4, "cka_last_conv": {"a~b": 0.9},
+                                                           "cka_last_conv_se": {"a~b": 0.01}})]
+
+    a = _run_dir(tmp_path, "a", seed=0)
+    b = _run_dir(tmp_path, "b", seed=1)
+    for d, correct in ((a, 45), (b, 30)):
+        card = json.loads((d / "card.json").read_text())
+        card["evaluation"] = {"split": "test", "confusion": confusion(correct)}
+        (d / "card.json").write_text(json.dumps(card))
+    first = sentences([a, b])
+    acc = next(t for t in first if t.startswith("Test accuracy"))
+    ea, eb = proportion_interval(85, 100), proportion_interval(70, 100)
+    assert acc == (f"Test accuracy: a {C.fmt_estimate(ea.to_dict())}; b {C.fmt_estimate(eb.to_dict())} "
+                   "(Wilson's 95% interval over the test images).")
+    t = stats.t.ppf(0.975, 3)  # the seed band: CKA with its t interval on batches - 1 degrees of freedom
+    band = next(x for x in first if x.startswith("Two seeds"))
+    assert C.fmt_estimate({"value": 0.9, "low": 0.9 - t * 0.01, "high": 0.9 + t * 0.01, "n": 4}) in band
+    card = json.loads((b / "card.json").read_text())
+    card["evaluation"]["confusion"] = confusion(50)  # b now beats a
+    (b / "card.json").write_text(json.dumps(card))
+    acc2 = next(t for t in sentences([a, b]) if t.startswith("Test accuracy"))
+    assert acc2.startswith(f"Test accuracy: b {C.fmt_estimate(proportion_interval(90, 100).to_dict())}; a ")
+    assert acc2 != acc

@@ -47,8 +47,13 @@ def test_test_accuracy_is_that_of_the_saved_model(tmp_path):
 
     data = load_data(data_config(run.card), 1)
     x, y = data.test.tensors
-    acc = (run.model(x).argmax(1) == y).float().mean().item()
+    pred = run.model(x).argmax(1)
+    acc = (pred == y).float().mean().item()
     assert acc == pytest.approx(run.card["metrics"]["test_acc"])
+    # the card's confusion matrix, counted here image by image: row = true class, column = predicted
+    k = len(run.card["data"]["classes"])
+    expected = [[int(((y == i) & (pred == j)).sum()) for j in range(k)] for i in range(k)]
+    assert run.card["evaluation"] == {"split": "test", "confusion": expected}
 
 
 def test_same_seed_same_weights(tmp_path):

@@ -30,7 +30,7 @@ class ActivationsConfig:
     hist_bits: int = 4  # histogram grid: 2^bits bins per octave (quantiles within 2^-bits relative)
     hist_octaves: int = 20  # grid covers |x| in [2^-octaves, 2^octaves), plus tiny/zero/overflow bins
     hist_stride: int = 1  # histogram every n-th position of each map only (1: all; >1 faster, quantiles subsampled)
-    per_channel_hist: bool = False  # hist.parquet also per channel (not only per layer)
+    per_channel_hist: bool = True  # hist.parquet also per channel (the report's unit atlas draws them), not only per layer
     feature_map_layers: Optional[list[str]] = None  # null: the requested layers with spatial maps
     crop_channels: Optional[int] = 64  # exemplar crops for the first n channels of each layer (null: all)
     crop_size: int = 32  # crops larger than this (receptive field in pixels) are resized down to it

@@ -78,6 +78,16 @@ class RunData:
         return {row["name"]: i for i, row in enumerate(self.card["layers"])}
 
 
+BRANCH = ("shortcut", "downsample")  # residual branches: beside the main path, not deeper than it
+
+
+def relative_depth(layers: list[str]) -> dict[str, float]:
+    """Layers (in call order) -> position among the main-path ones, 0 (first) to 1 (last): how layers of different
+    models are aligned. Shortcut / downsample branches are not depth and get none."""
+    main = [n for n in layers if not any(b in n for b in BRANCH)]
+    return {n: (i / (len(main) - 1) if len(main) > 1 else 0.0) for i, n in enumerate(main)}
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

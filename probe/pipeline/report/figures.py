@@ -68,6 +68,11 @@ def grid_uri(images: np.ndarray, cols: int, scale: int = 2, pad: int = 1, signed
     return png_uri(buf.getvalue())
 
 
+def image_uri(img: np.ndarray, signed: bool = False) -> str:
+    """One image ``(C, H, W)`` as a PNG at its own size (the page enlarges it, pixelated)."""
+    return grid_uri(img[None], cols=1, scale=1, pad=0, signed=signed)
+
+
 def minmax(x: np.ndarray, axes=(-2, -1)) -> np.ndarray:
     """Scale each map to [0, 1] over ``axes`` (constant maps become 0)."""
     lo = x.min(axis=axes, keepdims=True)

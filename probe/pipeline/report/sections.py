@@ -16,9 +16,10 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 from probe.pipeline.report import ranking
 from probe.pipeline.report.claims import (MINUS, claim, counts, estimates, fmt_comparison, fmt_estimate, is_comparison,
                                  is_estimate, num, verdict)
-from probe.pipeline.report.collect import RUNTIME_KEYS, SEED_KEYS, RunData, differing_keys, seed_groups, stage_command
+from probe.pipeline.report.collect import (RUNTIME_KEYS, SEED_KEYS, RunData, differing_keys, relative_depth, seed_groups,
+                                          stage_command)
 from probe.pipeline.report.collect import headline as collect_headline
-from probe.pipeline.report.figures import figure_uri, grid_uri, heat_overlay, minmax, png_uri
+from probe.pipeline.report.figures import figure_uri, grid_uri, heat_overlay, image_uri, minmax, png_uri
 from probe.uncertainty import adjust, mean_interval, paired_comparison, proportion_interval, proportions_comparison
 
 
@@ -67,6 +68,14 @@ def _need(section: dict, runs: list[RunData], stage: str) -> list[RunData]:
                 entry["why"] = r.stale[stage]
             section["missing"].append(entry)
     return have
+
+
+def with_relative_depth(d: pd.DataFrame) -> pd.DataFrame:
+    """``d`` (rows with ``run``, ``layer`` and the stage's call-order ``depth``) with each layer's relative depth
+    (:func:`probe.pipeline.report.collect.relative_depth`), shortcut branches dropped: how models are aligned."""
+    rel = {run: relative_depth(list(dict.fromkeys(g.sort_values("depth")["layer"]))) for run, g in d.groupby("run", sort=False)}
+    d = d.assign(**{"relative depth": [rel[run].get(layer, np.nan) for run, layer in zip(d["run"], d["layer"])]})
+    return d.dropna(subset=["relative depth"])
 
 
 def _depth_frame(runs: list[RunData], stage: str, table: str) -> pd.DataFrame:
@@ -198,7 +207,8 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
                  .agg(dead=("dead", "mean"), sparsity=("frac_active", lambda a: 1 - a.mean()),
                       selectivity=("selectivity", lambda a: a[(a >= 0) & (a <= 1)].mean())).reset_index()
                  .sort_values(["run", "depth"]))
-    per_layer["layer index"] = per_layer.groupby("run").cumcount()
+    rel = {run: relative_depth(list(g.sort_values("depth")["layer"])) for run, g in per_layer.groupby("run", sort=False)}
+    per_layer["relative depth"] = [rel[run].get(layer, np.nan) for run, layer in zip(per_layer["run"], per_layer["layer"])]
     # dead units are defined only where the activation is a rectifier's input or output
     keep = [covered[run] is None or layer in covered[run] for run, layer in zip(per_layer["run"], per_layer["layer"])]
     per_layer["dead"] = per_layer["dead"].where(keep)
@@ -211,12 +221,15 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for ax, col, title in zip(axes, ("dead", "sparsity"), ("dead units (never active)", "sparsity (1 - fraction active)")):
-        sns.lineplot(per_layer.dropna(subset=[col]), x="layer index", y=col, hue="run", palette=colours, marker="o", ax=ax)
-        ax.set_title(f"Fraction of {title} by depth")
-        ax.set_xlabel("captured layer (0 = first)")
+        sns.lineplot(per_layer.dropna(subset=[col, "relative depth"]), x="relative depth", y=col, hue="run",
+                     palette=colours, marker="o", ax=ax)
+        ax.set_title(f"Fraction of {title}")
+        ax.set_xlabel("relative depth (analysed main-path layers, 0 = first, 1 = last)")
+        ax.set_xlim(-0.03, 1.03)
         ax.set_ylabel(col)
         ax.set_ylim(-0.02, 1.02)
-    s["blocks"].append(_figure("Dead units and sparsity by depth, one line per run" + (
+    s["blocks"].append(_figure("Dead units and sparsity by relative depth, one line per run (shortcut branches left "
+                               "out: they are not depth)" + (
         "; dead units only on layers that feed a rectifier or are one (" + "; ".join(said) + ")" if said else ""), fig))
 
     hist = _depth_frame(have, "activations", "hist")
@@ -228,15 +241,22 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
 
     sel, outside = defined_selectivity(stats)
     if not sel.empty:
-        sel = sel.assign(**{"layer index": sel.groupby("run")["depth"].rank(method="dense").astype(int) - 1})
-        names = {run: tuple(g.sort_values("depth")["layer"].unique()) for run, g in sel.groupby("run")}
-        same = len(set(names.values())) == 1
-        fig, ax = plt.subplots(figsize=(11, 3.6))
-        sns.boxplot(sel, x="layer" if same else "layer index", y="selectivity", hue="run", palette=colours, ax=ax,
-                    fliersize=1, order=list(next(iter(names.values()))) if same else None)
-        ax.set_ylim(0, 1)
-        ax.set_title("Class selectivity index of units, by depth")
-        ax.set_xlabel("layer" if same else "layer with a defined index (0 = first)")
+        # one panel per architecture (runs with the same layer names share it), layers by name: never by index
+        names = {run: tuple(g.sort_values("depth")["layer"].unique()) for run, g in sel.groupby("run", sort=False)}
+        models = list(dict.fromkeys(names.values()))
+        fig, axes = plt.subplots(1, len(models), figsize=(max(11, 2.2 + sum(0.9 * len(m) for m in models)), 3.8),
+                                 squeeze=False, sharey=True, width_ratios=[max(len(m), 2) for m in models])
+        for ax, layers in zip(axes[0], models):
+            d = sel[sel["run"].isin([run for run, n in names.items() if n == layers])]
+            sns.boxplot(d, x="layer", y="selectivity", hue="run", palette=colours, ax=ax, fliersize=1, order=list(layers))
+            ax.set_ylim(0, 1)
+            ax.set_xlabel("")
+            ax.tick_params(axis="x", labelrotation=45, labelsize=8)
+            plt.setp(ax.get_xticklabels(), ha="right", rotation_mode="anchor")
+            ax.legend(fontsize=7, loc="upper left")
+        axes[0][0].set_ylabel("class selectivity index")
+        fig.suptitle("Class selectivity index of units, per layer")
+        fig.tight_layout()
         s["blocks"].append(_figure(
             "Class selectivity (Morcos et al. 2018) of rectified units: (max − mean of the other classes) / (max + mean "
             "of the other classes) of the class-mean activations; 0 = responds equally to every class, 1 = to one class "
@@ -418,14 +438,21 @@ def saliency(runs: list[RunData], colours: dict, n_images: int) -> dict:
             rows = np.arange(min(n_images, len(z["images"])))
         images = z["images"][rows]
         images = images if images.max() <= 1.0 and images.min() >= 0 else minmax(images, axes=(1, 2, 3))
-        tiles = [np.repeat(images.mean(1, keepdims=True), 3, 1)]
-        for m in methods:
-            tiles.append(heat_overlay(images, z[m][rows]))
-        grid = np.stack(tiles, 1)  # (n, 1 + methods, 3, H, W)
-        items.append((f"{r.label}: image, " + ", ".join(methods),
-                      grid_uri(grid.reshape(-1, *grid.shape[2:]), cols=len(tiles), scale=2)))
-    if items:
-        s["blocks"].append(_gallery("Maps (columns: the image, then each method)", items))
+        names = r.card.get("data", {}).get("classes") or []
+        name = lambda k: str(names[k]) if 0 <= k < len(names) else str(k)  # noqa: E731
+        table = []
+        for i, row in enumerate(rows):
+            true, pred = int(z["labels"][row]), int(z["predictions"][row])
+            prob = f", p = {float(z['probabilities'][row]):.3f}" if "probabilities" in z.files else ""
+            cells = [{"text": f"true {name(true)}, predicted {name(pred)}{prob}"},
+                     {"uri": image_uri(np.repeat(images[i].mean(0, keepdims=True), 3, 0)), "alt": "probe image",
+                      "size": 64}]
+            cells += [{"uri": image_uri(heat_overlay(images[i:i + 1], z[m][row:row + 1])[0]), "alt": f"{m} map",
+                       "size": 64} for m in methods]
+            table.append(cells)
+        items.append({"kind": "images", "caption": f"{r.label}: the maps of the true class (red: large |attribution|)",
+                      "columns": ["probe image", "input", *methods], "rows": table})
+    s["blocks"].extend(items)
 
     rows: dict[str, list] = {}
     road, rnd_rows = [], []
@@ -601,7 +628,7 @@ def synthesis(runs: list[RunData]) -> dict:
     have = _need(s, runs, "synthesis")
     if not have:
         return s
-    rows, items, classes, margin_rows = [], [], [], []
+    rows, items, classes, margin_rows, class_blocks = [], [], [], [], []
     for r in have:
         df = r.table("synthesis", "metrics")
         ch = df[df["kind"] == "channel"] if df is not None else pd.DataFrame()
@@ -659,8 +686,19 @@ def synthesis(runs: list[RunData]) -> dict:
             imgs = z["channel"][ch.loc[idx, "image"].to_numpy()][:32]
             items.append((f"{r.label}: {layer}", grid_uri(imgs, cols=8, scale=2)))
         if "class" in z.files and len(z["class"]):
-            probs = ", ".join(f"{p:.3f}" for p in cls["probability"]) if len(cls) else ""
-            items.append((f"{r.label}: class images (p = {probs})", grid_uri(z["class"], cols=len(z["class"]), scale=2)))
+            names = r.card.get("data", {}).get("classes") or []
+            cells, heads = [], []
+            for i, img in enumerate(z["class"]):
+                row = cls[cls["image"] == i] if len(cls) and "image" in cls else cls.iloc[0:0]
+                k = int(row["class"].iloc[0]) if len(row) else i
+                heads.append(str(names[k]) if k < len(names) else str(k))
+                note = (f"p = {float(row['probability'].iloc[0]):.3f}" if len(row) else "") + (
+                    f", predicted {names[int(row['predicted'].iloc[0])] if int(row['predicted'].iloc[0]) < len(names) else int(row['predicted'].iloc[0])}"
+                    if len(row) and "predicted" in row and pd.notna(row["predicted"].iloc[0]) else "")
+                cells.append({"uri": image_uri(img), "alt": f"class image {heads[-1]}", "size": 64, "note": note})
+            class_blocks.append({"kind": "images", "caption": f"{r.label}: class images (column: the class each image was "
+                                 "optimised for; below: the model's softmax probability of it, and its prediction)",
+                                 "columns": heads, "rows": [cells]})
         if "dream" in z.files and len(z["dream"]):
             strip = np.concatenate([z["dream_source"], z["dream"], z["zoom"]] if "zoom" in z.files else
                                    [z["dream_source"], z["dream"]])
@@ -674,6 +712,7 @@ def synthesis(runs: list[RunData]) -> dict:
     if classes:
         s["blocks"].append(_table("Class images: softmax probability of the class each image was optimised for",
                                   pd.DataFrame(classes)))
+    s["blocks"].extend(class_blocks)
     if items:
         s["blocks"].append(_gallery("Synthetic images", items))
     return s
@@ -714,9 +753,11 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
         d = eq[(eq["mode"] == "circular") & (eq["shift"] == eq["shift"].min())]
         d = d.groupby(["run", "depth", "layer"], sort=False)["error_interior"].mean().reset_index()
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        sns.lineplot(d, x="depth", y="error_interior", hue="run", palette=colours, marker="o", ax=ax)
+        sns.lineplot(with_relative_depth(d), x="relative depth", y="error_interior", hue="run", palette=colours,
+                     marker="o", ax=ax)
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("relative depth (main-path layers, 0 = first, 1 = last)")
         ax.set_title(f"Translation equivariance error by depth (circular shift of {eq['shift'].min()} px)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("||f(Tx) - T'f(x)|| / ||f(x)||")
         s["blocks"].append(_figure("Equivariance error by depth (0 = perfectly equivariant)", fig))
     inv = _depth_frame(have, "geometry", "invariance")
@@ -755,11 +796,13 @@ def geometry(runs: list[RunData], colours: dict) -> dict:
     if not erf.empty:
         d = erf[erf["input"] == erf["input"].iloc[0]]
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        sns.lineplot(d, x="depth", y="erf_side", hue="run", palette=colours, marker="o", ax=ax)
-        sns.lineplot(d, x="depth", y="trf_in_image", hue="run", palette=colours, ax=ax, linestyle="--", legend=False)
+        d = with_relative_depth(d)
+        sns.lineplot(d, x="relative depth", y="erf_side", hue="run", palette=colours, marker="o", ax=ax)
+        sns.lineplot(d, x="relative depth", y="trf_in_image", hue="run", palette=colours, ax=ax, linestyle="--", legend=False)
+        ax.set_xlim(-0.03, 1.03)
         ax.set_title("Effective (solid, 95% of gradient mass) vs theoretical (dashed) receptive field")
         ax.set_ylabel("side (pixels)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("relative depth (main-path layers, 0 = first, 1 = last)")
         s["blocks"].append(_figure("Effective vs theoretical receptive field by depth", fig))
     items = []
     for r in have:  # training dynamics, for runs trained with train.snapshot_epochs

@@ -10,7 +10,7 @@ probability of the target (:mod:`probe.saliency.faithfulness`).
 - ``maps.npz``: one (M, H, W) float32 array per method (reduced over input channels, see
   :mod:`probe.saliency.methods`), ``images`` (M, C, H, W) pixels in [0, 1], ``targets``, ``target_kind``
   (``true`` / ``predicted``), ``image`` (index among the probe images), ``labels``, ``predictions``,
-  ``target_output`` (one string, ``["logit"]``: what the maps attribute).
+  ``probabilities`` (the softmax probability of the prediction), ``target_output`` (one string, ``["logit"]``: what the maps attribute).
   M is the number of probe images plus one more row per misclassified image (its predicted class).
 - ``overlays/<method>.png``: every map over its image (one grid per method).
 - ``metrics.parquet``: per method and map row: deletion / insertion AUC for the method's pixel order,
@@ -72,21 +72,26 @@ class Items:
     image: torch.Tensor  # (M,) index among the probe images
     label: torch.Tensor  # (M,)
     prediction: torch.Tensor  # (M,)
+    probability: torch.Tensor | None = None  # (M,) softmax probability of the prediction
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return map_batches(lambda lo, hi: model(x[lo:hi]).argmax(1), len(x), batch_size, what="predict")
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predicted class of each image and its softmax probability (the same for logits and log-probabilities)."""
+    p = map_batches(lambda lo, hi: model(x[lo:hi]).float().softmax(1), len(x), batch_size, what="predict")
+    prob, pred = p.max(1)
+    return pred, prob
 
 
 def probe_items(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Items:
-    pred = predict(model, x, batch_size)
+    pred, prob = predict(model, x, batch_size)
     y = y.to(pred.device)
     wrong = torch.nonzero(pred != y).flatten()
     idx = torch.cat([torch.arange(len(x), device=x.device), wrong.to(x.device)])
     target = torch.cat([y, pred[wrong]])
     kind = ["true"] * len(x) + ["predicted"] * len(wrong)
-    return Items(x[idx], target, kind, idx.cpu(), y[idx.to(y.device)].cpu(), pred[idx.to(pred.device)].cpu())
+    return Items(x[idx], target, kind, idx.cpu(), y[idx.to(y.device)].cpu(), pred[idx.to(pred.device)].cpu(),
+                 prob[idx.to(prob.device)].cpu())
 
 
 def method_settings(sc: SaliencyConfig, model: nn.Module, x: torch.Tensor, mean, std, seed: int) -> MethodSettings:
@@ -281,7 +286,8 @@ def run(cfg: SaliencyStage) -> Path:
         write_npz(tmp / "maps.npz", {**{m: v.numpy() for m, v in maps.items()}, "images": images,
                                      "targets": items.target.cpu().numpy(), "target_kind": np.array(items.kind),
                                      "image": items.image.numpy(), "labels": items.label.numpy(),
-                                     "predictions": items.prediction.numpy(), "target_output": np.array(TARGET_OUTPUT)})
+                                     "predictions": items.prediction.numpy(), "probabilities": items.probability.numpy(),
+                                     "target_output": np.array(TARGET_OUTPUT)})
         metrics.to_parquet(tmp / "metrics.parquet", index=False)
         if randomisation is not None:
             randomisation.to_parquet(tmp / "randomisation.parquet", index=False)
