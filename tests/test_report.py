@@ -150,35 +150,63 @@ def test_a_sweep_of_two_models_and_two_seeds_is_aggregated(tmp_path):
     assert all(r[1] == "2" and r[3] == "seed" for r in agg["rows"])
 
 
+@pytest.mark.slow
+def test_every_figure_of_the_report_is_legible(complete_runs, caplog):
+    """No figure has overlapping texts, an undefined value drawn or a value outside its axes
+    (probe.pipeline.report.legible, which figure_uri runs on every figure and logs)."""
+    from probe.pipeline.report.config import ReportStage
+    from probe.pipeline.report.stage import render
+
+    with caplog.at_level("WARNING", logger="probe.pipeline.report.figures"):
+        files, _ = render(ReportStage(runs=[str(complete_runs[0]), str(complete_runs[1])]))
+    assert [r.getMessage() for r in caplog.records if r.name == "probe.pipeline.report.figures"] == []
+    assert sum(k.startswith("img/") for k in files) >= 40
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.slow
 def test_report_in_headless_chromium(complete_runs, tmp_path):
+    """Every page at 1400 and 800 px: no console error, no failed or outside request, no broken image, no page wider
+    than the window; and with JavaScript off every page still shows its content and images."""
     if _chromium() is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
     from playwright.sync_api import sync_playwright
 
     _report(tmp_path, f"runs=[{complete_runs[0]},{complete_runs[1]}]")
-    page_path = tmp_path / "reports" / "t" / "index.html"
-    errors, failed = [], []
+    folder = (tmp_path / "reports" / "t").resolve()
+    pages = sorted(folder.glob("*.html"))
+    problems, seen = [], 0
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("requestfailed", lambda r: failed.append(r.url))
-        page.goto(page_path.as_uri())
-        broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length")
-        n_images = page.evaluate("document.images.length")
-        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        for width, js in ((1400, True), (800, True), (1400, False)):
+            context = browser.new_context(viewport={"width": width, "height": 900}, java_script_enabled=js)
+            page = context.new_page()
+            page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+            page.on("request", lambda r: None if r.url.startswith(folder.as_uri()) else problems.append(f"outside: {r.url}"))
+            for path in pages:
+                page.goto(path.as_uri(), wait_until="load")
+                if js:
+                    broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length")
+                    wide = page.evaluate("document.documentElement.scrollWidth > window.innerWidth + 1")
+                    seen += page.evaluate("document.images.length")
+                    problems += [f"{path.name} at {width}px: {broken} broken images"] * bool(broken)
+                    problems += [f"{path.name} at {width}px: wider than the window"] * bool(wide)
+                else:
+                    assert page.inner_text("main").strip(), path.name
+                if path.name == "index.html" and width == 1400 and js:
+                    page.screenshot(path=str(tmp_path / "index.png"), full_page=True)
+            context.close()
         browser.close()
-    assert errors == [] and failed == []
-    assert n_images >= 10 and broken == 0
-    assert Image.open(tmp_path / "report.png").size[0] == 1400
+    assert problems == []
+    assert seen >= 40
+    assert Image.open(tmp_path / "index.png").size[0] == 1400
 
 
 # Fast tests on hand-made run dirs: only the files each section reads ------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 
 import matplotlib
 
@@ -15,6 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from probe.pipeline.report.legible import problems  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 sns.set_theme(style="whitegrid", context="notebook")
 
@@ -30,11 +35,20 @@ def png_uri(data: bytes) -> str:
 
 
 def figure_uri(fig) -> str:
-    """Save a matplotlib figure as a PNG data URI and close it."""
+    """Save a matplotlib figure as a PNG data URI and close it; log a warning for each way it is not readable
+    (:func:`probe.pipeline.report.legible.problems`: overlapping texts, undefined or out-of-range values)."""
+    for problem in problems(fig):
+        log.warning("figure '%s': %s", _title(fig), problem)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return png_uri(buf.getvalue())
+
+
+def _title(fig) -> str:
+    if fig._suptitle is not None and fig._suptitle.get_text():
+        return fig._suptitle.get_text()
+    return next((ax.get_title() for ax in fig.axes if ax.get_title()), "untitled")
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:

@@ -224,10 +224,11 @@ def distributions(runs: list[RunData], colours: dict, n_units: int) -> dict:
         sns.lineplot(per_layer.dropna(subset=[col, "relative depth"]), x="relative depth", y=col, hue="run",
                      palette=colours, marker="o", ax=ax)
         ax.set_title(f"Fraction of {title}")
-        ax.set_xlabel("relative depth (analysed main-path layers, 0 = first, 1 = last)")
+        ax.set_xlabel("relative depth (0 = first, 1 = last)")
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylabel(col)
         ax.set_ylim(-0.02, 1.02)
+    fig.tight_layout()
     s["blocks"].append(_figure("Dead units and sparsity by relative depth, one line per run (shortcut branches left "
                                "out: they are not depth)" + (
         "; dead units only on layers that feed a rectifier or are one (" + "; ".join(said) + ")" if said else ""), fig))
