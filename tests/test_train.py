@@ -30,7 +30,8 @@ def test_train_cli_writes_a_complete_run_dir(tmp_path):
     assert card["params_total"] == sum(p.numel() for p in load_run(run_dir).model.parameters())
     assert [layer["name"] for layer in card["layers"]][:2] == ["conv1", "relu1"]
     env = json.loads((run_dir / "environment.json").read_text())  # beside the card, not in it (not hashed by DVC)
-    assert env["versions"]["torch"] == torch.__version__.split("+")[0] and set(env) == {"git_commit", "versions"}
+    assert env["versions"]["torch"] == torch.__version__.split("+")[0] and set(env) == {"git_commit", "versions", "cpu_capability"}
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert not {"versions", "git_commit"} & set(card)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == card["metrics"] and metrics["epochs"] == 2 and 0 <= metrics["test_acc"] <= 1

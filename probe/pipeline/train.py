@@ -223,7 +223,10 @@ def _train(cfg: TrainStage, model: nn.Module, data: DataBundle, data_card: dict,
     }
     # where and with what the run was made, which DVC must not hash (a fresh clone on another machine
     # reproduces dvc.lock): the commit and library versions (the thread count is config: `threads`)
-    write_json(work / ENVIRONMENT, {"git_commit": git_commit(), "versions": library_versions()})
+    # the CPU's vector instruction set too: oneDNN and ATen pick kernels by it, so the same seed gives other float
+    # bits on a CPU with another one (AVX2 vs AVX-512)
+    write_json(work / ENVIRONMENT, {"git_commit": git_commit(), "versions": library_versions(),
+                                    "cpu_capability": torch.backends.cpu.get_cpu_capability()})
     state_path.unlink(missing_ok=True)
     write_json(work / "card.json", card)
     return test_acc
