@@ -6,7 +6,8 @@ artifacts/ with the comparison, and as the baseline in the same run the report o
 all runs / one run. Targets (issue "the report as a product"): build within 60 s on the 2-core CPU, ``index.html``
 under 1.5 MB, the whole folder under 40 MB (bytes of the files, not disk blocks).
 
-With ``--docs DIR`` it also writes 1400 px wide screenshots (the top 1600 px) of the findings page, a layer page and
+Then it opens every page in headless Chromium at 1400 and 800 px (console errors, failed requests, broken images,
+pages wider than the window). With ``--docs DIR`` it also writes 1400 px wide screenshots (the top 1600 px) of the findings page, a layer page and
 an atlas page, in headless Chromium.
 
     python benchmarks/bench_report.py [--rounds 3] [--docs docs] [--out benchmarks/results/report.json]
@@ -36,6 +37,30 @@ def build(runs: list[Path], comparison: Path | None, out: Path, name: str) -> fl
     run(ReportStage(runs=[str(r) for r in runs], comparison=str(comparison) if comparison else None,
                     out_dir=str(out), name=name))
     return time.perf_counter() - t0
+
+
+def browser_check(folder: Path) -> dict:
+    """Every page at 1400 and 800 px in headless Chromium: console errors, failed requests, broken images, pages
+    wider than the window (the same checks as tests/test_report.py::test_report_in_headless_chromium)."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    problems, pages = [], sorted(folder.resolve().glob("*.html"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        for width in (1400, 800):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+            page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
+            for path in pages:
+                page.goto(path.as_uri(), wait_until="load")
+                if page.evaluate("Array.from(document.images).some(i => !i.complete || i.naturalWidth === 0)"):
+                    problems.append(f"{path.name} at {width}px: a broken image")
+                if page.evaluate("document.documentElement.scrollWidth > window.innerWidth + 1"):
+                    problems.append(f"{path.name} at {width}px: wider than the window")
+            page.close()
+        browser.close()
+    return {"pages": len(pages), "widths": [1400, 800], "problems": problems}
 
 
 def screenshots(folder: Path, docs: Path) -> list[str]:
@@ -79,6 +104,7 @@ def main(argv=None) -> int:
                "index_mb": round((folder / "index.html").stat().st_size / 1e6, 3),
                "folder_mb": round(sum(p.stat().st_size for p in files) / 1e6, 2)}
         res["targets"] = {k: {"target": v, "met": res[k] <= v} for k, v in TARGETS.items()}
+        res["browser"] = browser_check(folder)
         if a.docs:
             res["screenshots"] = screenshots(folder, a.docs)
     print(json.dumps(res, indent=1))

@@ -54,7 +54,7 @@ def test_test_accuracy_is_that_of_the_saved_model(tmp_path):
     # the card's confusion matrix, counted here image by image: row = true class, column = predicted
     k = len(run.card["data"]["classes"])
     expected = [[int(((y == i) & (pred == j)).sum()) for j in range(k)] for i in range(k)]
-    assert run.card["evaluation"] == {"split": "test", "confusion": expected}
+    assert run.card["evaluation"] == {"split": "test", "confusion": expected, "predicted_outside": [0] * k}
 
 
 def test_same_seed_same_weights(tmp_path):

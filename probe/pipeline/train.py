@@ -56,14 +56,18 @@ def evaluate(model: nn.Module, dl: DataLoader, device: torch.device) -> tuple[fl
 
 
 @torch.no_grad()
-def confusion_matrix(model: nn.Module, dl: DataLoader, device: torch.device, num_classes: int) -> list[list[int]]:
-    """Counts of (true class, predicted class) over ``dl``: row i, column j = images of class i predicted as j."""
+def confusion_matrix(model: nn.Module, dl: DataLoader, device: torch.device, num_classes: int) -> tuple[list, list]:
+    """Counts of (true class, predicted class) over ``dl``: row i, column j = images of class i predicted as j; and
+    per true class, the images predicted as none of the data's classes (a pretrained head with more outputs)."""
     model.eval()
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    k = num_classes
+    counts = torch.zeros(k * (k + 1), dtype=torch.int64, device=device)
     for x, y in dl:
         x, y = to_device_batch(x, device), to_device_batch(y, device)
-        counts += torch.bincount(y * num_classes + model(x).argmax(1), minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes).tolist()
+        pred = model(x).argmax(1).clamp(max=k)  # k: outside the data's classes
+        counts += torch.bincount(y * (k + 1) + pred, minlength=k * (k + 1))
+    m = counts.view(k, k + 1)
+    return m[:, :k].tolist(), m[:, k].tolist()
 
 
 def model_for(cfg: TrainStage) -> tuple[nn.Module, DataBundle, dict, dict]:
@@ -203,7 +207,7 @@ def _train(cfg: TrainStage, model: nn.Module, data: DataBundle, data_card: dict,
     load_into(model, read_state_dict(best_path), str(best_path))
     model.to(device)
     test_loss, test_acc = evaluate(model, test_dl, device)
-    confusion = confusion_matrix(model, test_dl, device, data.num_classes)
+    confusion, outside = confusion_matrix(model, test_dl, device, data.num_classes)
     metrics = {"test_acc": test_acc, "test_loss": test_loss, "val_acc": max([r["val_acc"] for r in rows], default=None),
                "epochs": len(rows), "params_total": sum(p.numel() for p in model.parameters())}
     write_json(work / "metrics.json", metrics)
@@ -217,7 +221,7 @@ def _train(cfg: TrainStage, model: nn.Module, data: DataBundle, data_card: dict,
         "layers": [r.as_dict() for r in layer_table(model, data.channels, data.image_size)],
         "metrics": metrics,
         # the kept weights on the test split, for the report's per-class accuracy and confusion matrix
-        "evaluation": {"split": "test", "confusion": confusion},
+        "evaluation": {"split": "test", "confusion": confusion, "predicted_outside": outside},
         "seed": cfg.seed,
         "train": asdict(cfg.train),
     }

@@ -32,7 +32,7 @@ class ActivationsConfig:
     hist_stride: int = 1  # histogram every n-th position of each map only (1: all; >1 faster, quantiles subsampled)
     per_channel_hist: bool = True  # hist.parquet also per channel (the report's unit atlas draws them), not only per layer
     feature_map_layers: Optional[list[str]] = None  # null: the requested layers with spatial maps
-    crop_channels: Optional[int] = 64  # exemplar crops for the first n channels of each layer (null: all)
+    crop_channels: Optional[int] = None  # exemplar crops for the first n channels of each layer (null: all, as the report's atlas shows every unit)
     crop_size: int = 32  # crops larger than this (receptive field in pixels) are resized down to it
     images: bool = True  # PNG grids beside the arrays
     save_state: bool = False  # also write state.npz (the mergeable accumulators, for sharded runs)

@@ -329,6 +329,8 @@ def card(ld: LayerData, layer: str, unit: int, u: pd.Series, colour: str, matche
             cls = names[labels[j]] if j < len(labels) and labels[j] < len(names) else ""
             images.append({"uri": image_uri(c), "alt": f"exemplar {j + 1}", "what": f"#{j + 1}" + (f" ({cls})" if cls else ""),
                            "width": side, "height": side})
+    elif ld.crops is not None:
+        images.append({"uri": None, "what": "no exemplar crops kept for this unit (activations.crop_channels)"})
     prof = ld.profile(layer, unit)
     profile, pmax, pwhat = ([], "", "")
     if prof is not None:

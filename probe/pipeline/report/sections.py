@@ -31,6 +31,8 @@ def _table(caption: str, df: pd.DataFrame, digits: int = 4, wrap: tuple[str, ...
     """A table block; a Comparison or Estimate cell is written by the one formatter of claims.py, and cells do
     not wrap except in the columns named in ``wrap`` (long sentences)."""
     def fmt(v):
+        if isinstance(v, dict) and "href" in v:  # a link: the template writes <a href>
+            return v
         if is_comparison(v):
             return fmt_comparison(v)
         if is_estimate(v):

@@ -34,15 +34,23 @@ def classes(r: RunData) -> list[str]:
     return [str(c) for c in names] if names else [str(i) for i in range(n)]
 
 
+def outside(r: RunData) -> np.ndarray:
+    """Per true class, the test images predicted as none of the data's classes (a pretrained head's other outputs)."""
+    o = (r.card.get("evaluation") or {}).get("predicted_outside")
+    m = confusion(r)
+    return np.asarray(o, dtype=np.int64) if o else np.zeros(0 if m is None else len(m), dtype=np.int64)
+
+
 def per_class(r: RunData) -> list[dict]:
     """Per class: name, k correct of n test images, Wilson's 95% interval of the accuracy."""
     m = confusion(r)
     if m is None:
         return []
     names = classes(r)
+    other = outside(r)
     out = []
     for i, row in enumerate(m):
-        n = int(row.sum())
+        n = int(row.sum() + other[i])
         out.append({"class": names[i] if i < len(names) else str(i), "k": int(m[i, i]), "n": n,
                     "accuracy": proportion_interval(int(m[i, i]), n).to_dict() if n else None})
     return out
@@ -51,9 +59,9 @@ def per_class(r: RunData) -> list[dict]:
 def accuracy(r: RunData) -> dict | None:
     """Test accuracy as a Wilson Estimate (k of n from the confusion matrix)."""
     m = confusion(r)
-    if m is None or m.sum() == 0:
+    if m is None or m.sum() + outside(r).sum() == 0:
         return None
-    return proportion_interval(int(np.trace(m)), int(m.sum())).to_dict()
+    return proportion_interval(int(np.trace(m)), int(m.sum() + outside(r).sum())).to_dict()
 
 
 def curves_figure(runs: list[RunData], colours: dict):
@@ -113,10 +121,11 @@ def confusion_figure(r: RunData):
     if m is None:
         return None
     names = classes(r)[: len(m)]
-    share = m / np.maximum(m.sum(1, keepdims=True), 1)
+    share = m / np.maximum(m.sum(1, keepdims=True) + outside(r)[:, None], 1)
     side = 0.42 * len(m) + 1.6
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.grid(False)
     if len(m) <= 20:
         for i in range(len(m)):
             for j in range(len(m)):
@@ -128,7 +137,9 @@ def confusion_figure(r: RunData):
     ax.set_yticks(ticks, [names[t] for t in ticks], fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"{r.label}: confusion on the test split", fontsize=10)
+    out = int(outside(r).sum())
+    ax.set_title(f"{r.label}: confusion on the test split" + (f" ({out} predicted as none of these classes)" if out else ""),
+                 fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
     return figure_uri(fig)
