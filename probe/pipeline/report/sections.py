@@ -136,7 +136,6 @@ def architecture(runs: list[RunData]) -> dict:
 def filters(runs: list[RunData]) -> dict:
     s = _section("filters", "Filters", "First-layer kernels, each min-max scaled; for one input channel, blue is "
                  "negative and red positive.")
-    items = []
     for r in _need(s, runs, "activations"):
         z = r.arrays("activations", "filters")
         weights = [k for k in z.files if k.endswith("/weight")] if z is not None else []
@@ -144,14 +143,16 @@ def filters(runs: list[RunData]) -> dict:
             continue
         w = z[weights[0]]  # (out, in, kh, kw)
         layer = weights[0].split("/")[0]
-        if w.shape[1] == 3:
-            img = minmax(w, axes=(1, 2, 3))
-            uri = grid_uri(img[:64], cols=8, scale=10)
-        else:
-            uri = grid_uri(w[:64, :1], cols=8, scale=10, signed=True)
-        items.append((f"{r.label}: {layer}, {w.shape[0]} kernels {w.shape[2]}x{w.shape[3]}", uri))
-    if items:
-        s["blocks"].append(_gallery("First convolutional layer", items))
+        signed = w.shape[1] != 3
+        imgs = w[:64, :1] if signed else minmax(w, axes=(1, 2, 3))[:64]
+        cells = [{"uri": image_uri(k, signed=signed), "alt": f"kernel {i}", "size": 48, "note": f"kernel {i}"}
+                 for i, k in enumerate(imgs)]
+        rows = [cells[i:i + 8] for i in range(0, len(cells), 8)]
+        rows[-1] += [{"text": ""}] * (8 - len(rows[-1]))
+        s["blocks"].append({"kind": "images", "caption": f"{r.label}: {layer}, {w.shape[0]} kernels "
+                            f"{w.shape[2]}x{w.shape[3]}" + (f" (the first 64)" if w.shape[0] > 64 else "")
+                            + (" (input channel 0)" if signed and w.shape[1] > 1 else ""),
+                            "columns": [], "rows": rows})
     return s
 
 
@@ -160,7 +161,6 @@ def filters(runs: list[RunData]) -> dict:
 def feature_maps(runs: list[RunData], n_images: int) -> dict:
     s = _section("feature-maps", "Feature maps", "The same probe images through each model: the input, then the "
                  "first channels of the first captured layer (each map min-max scaled).")
-    items = []
     for r in _need(s, runs, "activations"):
         z = r.arrays("activations", "feature_maps")
         layers = [k for k in z.files if not k.startswith("probe_")] if z is not None else []
@@ -175,11 +175,15 @@ def feature_maps(runs: list[RunData], n_images: int) -> dict:
         xs = (np.arange(iw) * w // iw)
         maps = minmax(maps)[:, :, ys][:, :, :, xs]
         grey_images = images.mean(1, keepdims=True) if images.shape[1] != 1 else images
-        rows = np.concatenate([grey_images[:, None], maps[:, :, None]], axis=1)  # (n, 1 + c, 1, H, W)
-        items.append((f"{r.label}: input + {layers[0]} channels 0-{c - 1}",
-                      grid_uri(rows.reshape(-1, 1, ih, iw), cols=c + 1, scale=2)))
-    if items:
-        s["blocks"].append(_gallery("Probe images (rows) through each model", items))
+        names = r.card.get("data", {}).get("classes") or []
+        labels = z["probe_labels"][:n_images] if "probe_labels" in z.files else [None] * n
+        table = [[{"text": f"class {names[int(y)] if y is not None and int(y) < len(names) else y}"},
+                  {"uri": image_uri(grey_images[i]), "alt": "probe image", "size": 64}]
+                 + [{"uri": image_uri(maps[i, j][None]), "alt": f"channel {j}", "size": 64} for j in range(c)]
+                 for i, y in enumerate(labels)]
+        s["blocks"].append({"kind": "images", "caption": f"{r.label}: probe images through {layers[0]} (each map "
+                            "min-max scaled, enlarged to the image's size by nearest neighbour)",
+                            "columns": ["probe image", "input", *(f"channel {j}" for j in range(c))], "rows": table})
     return s
 
 
@@ -631,7 +635,7 @@ def synthesis(runs: list[RunData]) -> dict:
     have = _need(s, runs, "synthesis")
     if not have:
         return s
-    rows, items, classes, margin_rows, class_blocks = [], [], [], [], []
+    rows, items, classes, margin_rows, class_blocks, channel_blocks = [], [], [], [], [], []
     for r in have:
         df = r.table("synthesis", "metrics")
         ch = df[df["kind"] == "channel"] if df is not None else pd.DataFrame()
@@ -685,9 +689,14 @@ def synthesis(runs: list[RunData]) -> dict:
         if z is None:
             continue
         for layer in ch["layer"].unique() if len(ch) else []:
-            idx = ch.index[ch["layer"] == layer].to_numpy()
-            imgs = z["channel"][ch.loc[idx, "image"].to_numpy()][:32]
-            items.append((f"{r.label}: {layer}", grid_uri(imgs, cols=8, scale=2)))
+            g = ch[ch["layer"] == layer].head(32)
+            cells = [{"uri": image_uri(z["channel"][int(i)]), "alt": f"channel {c}", "size": 56, "note": f"channel {c}"}
+                     for i, c in zip(g["image"], g["channel"])]
+            rows = [cells[i:i + 8] for i in range(0, len(cells), 8)]
+            rows[-1] += [{"text": ""}] * (8 - len(rows[-1]))
+            channel_blocks.append({"kind": "images", "caption": f"{r.label}: {layer}, a synthetic image per channel"
+                                   + (" (the first 32; every channel is on the layer's atlas page)" if len(ch[ch["layer"] == layer]) > 32 else ""),
+                                   "columns": [], "rows": rows})
         if "class" in z.files and len(z["class"]):
             names = r.card.get("data", {}).get("classes") or []
             cells, heads = [], []
@@ -715,9 +724,9 @@ def synthesis(runs: list[RunData]) -> dict:
     if classes:
         s["blocks"].append(_table("Class images: softmax probability of the class each image was optimised for",
                                   pd.DataFrame(classes)))
-    s["blocks"].extend(class_blocks)
+    s["blocks"].extend(class_blocks + channel_blocks)
     if items:
-        s["blocks"].append(_gallery("Synthetic images", items))
+        s["blocks"].append(_gallery("Deep Dream", items))
     return s
 
 
