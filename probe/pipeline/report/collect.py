@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from probe.errors import RunDirError
 from probe.pipeline.rundir import read_card, run_labels, stale
 from probe.pipeline.stages import result_folders, writer
 

@@ -54,6 +54,13 @@ def _figure(caption: str, fig) -> dict:
     return {"kind": "figure", "caption": caption, "uri": figure_uri(fig)}
 
 
+def _rows_of(cells: list[dict], width: int = 8) -> list[list[dict]]:
+    """Image cells laid out ``width`` to a row, the last row padded with empty cells."""
+    rows = [cells[i:i + width] for i in range(0, len(cells), width)] or [[]]
+    rows[-1] += [{"text": ""}] * (width - len(rows[-1]))
+    return rows
+
+
 def _gallery(caption: str, items: list[tuple[str, str]]) -> dict:
     return {"kind": "gallery", "caption": caption, "items": [{"caption": c, "uri": u} for c, u in items]}
 
@@ -147,10 +154,9 @@ def filters(runs: list[RunData]) -> dict:
         imgs = w[:64, :1] if signed else minmax(w, axes=(1, 2, 3))[:64]
         cells = [{"uri": image_uri(k, signed=signed), "alt": f"kernel {i}", "size": 48, "note": f"kernel {i}"}
                  for i, k in enumerate(imgs)]
-        rows = [cells[i:i + 8] for i in range(0, len(cells), 8)]
-        rows[-1] += [{"text": ""}] * (8 - len(rows[-1]))
+        rows = _rows_of(cells)
         s["blocks"].append({"kind": "images", "caption": f"{r.label}: {layer}, {w.shape[0]} kernels "
-                            f"{w.shape[2]}x{w.shape[3]}" + (f" (the first 64)" if w.shape[0] > 64 else "")
+                            f"{w.shape[2]}x{w.shape[3]}" + (" (the first 64)" if w.shape[0] > 64 else "")
                             + (" (input channel 0)" if signed and w.shape[1] > 1 else ""),
                             "columns": [], "rows": rows})
     return s
@@ -546,7 +552,6 @@ def _ranking_blocks(s: dict, r: RunData) -> list[dict]:
     pairs = ranking.rank_pairs(values)
     if not pairs:
         return []
-    m = r.metrics["saliency"]
     methods = sorted(set.intersection(*(set(v) for v in values.values())))
     metric_sign = {x.name: x.sign for x in ranking.METRICS}
     ranks = pd.DataFrame({"method": methods})
@@ -692,8 +697,7 @@ def synthesis(runs: list[RunData]) -> dict:
             g = ch[ch["layer"] == layer].head(32)
             cells = [{"uri": image_uri(z["channel"][int(i)]), "alt": f"channel {c}", "size": 56, "note": f"channel {c}"}
                      for i, c in zip(g["image"], g["channel"])]
-            rows = [cells[i:i + 8] for i in range(0, len(cells), 8)]
-            rows[-1] += [{"text": ""}] * (8 - len(rows[-1]))
+            rows = _rows_of(cells)
             channel_blocks.append({"kind": "images", "caption": f"{r.label}: {layer}, a synthetic image per channel"
                                    + (" (the first 32; every channel is on the layer's atlas page)" if len(ch[ch["layer"] == layer]) > 32 else ""),
                                    "columns": [], "rows": rows})

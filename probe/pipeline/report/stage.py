@@ -19,7 +19,7 @@ from probe.pipeline.report.config import ReportStage
 from probe.pipeline.report.figures import image_uri, palette
 from probe.pipeline.report.pages import page, render_site, unique_slugs, write_site
 from probe.pipeline.rundir import find_run_dirs, staged_dir
-from probe.files import write_bytes, write_json
+from probe.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def render(cfg: ReportStage) -> tuple[dict[str, bytes], dict]:
     nav_analyses = [{"title": title, "href": href} for (href, title), ps in analyses_parts if ps]
     files = render_site(cfg.name, pages, nav_runs, nav_analyses)
     files["findings.md"] = F.markdown(rows, found).encode()
-    every = parts + [p.get("sections", [None])[0] for p in []]
+    every = parts
     numbers = {
         "name": cfg.name,
         "runs": [{"label": r.label, "path": str(r.path), "model": r.model, "seed": r.card["seed"],

@@ -48,8 +48,7 @@ from probe.pipeline.rundir import staged_dir, stamped
 from probe.files import write_json, write_npz
 from probe.saliency.batching import map_batches
 from probe.pipeline.saliency.config import SaliencyConfig, SaliencyStage
-from probe.saliency.faithfulness import (attribution_order, deletion_insertion_auc, random_order_aucs, verdict,
-                                         versus_random)
+from probe.saliency.faithfulness import attribution_order, deletion_insertion_auc, random_order_aucs, verdict
 from probe.saliency.methods import REDUCTION, MethodSettings, compute_maps, occlusion_geometry
 from probe.saliency.outputs import overlay_grid
 from probe.saliency.prepare import TARGET_OUTPUT, attribution_copy, gradcam_layer, output_head
