@@ -365,7 +365,7 @@ def test_margins_at_the_mean_and_at_the_peak_of_a_template_filter_in_closed_form
     from torch.utils.data import TensorDataset
 
     from probe.pipeline.synthesis.config import ParamConfig, SynthesisConfig, TransformConfig
-    from probe.pipeline.synthesis.stage import _attach_dataset_best, metrics_table, render_channels, summary_metrics
+    from probe.pipeline.synthesis.stage import Prior, _attach_dataset_best, metrics_table, render_channels, summary_metrics
 
     T = np.random.default_rng(3).normal(size=(11, 11))  # no pixel weight of C is 0: the optimum is unique
     conv = nn.Conv2d(1, 2, 11)
@@ -394,7 +394,8 @@ def test_margins_at_the_mean_and_at_the_peak_of_a_template_filter_in_closed_form
     ctx = SimpleNamespace(run=SimpleNamespace(model=model, path=tmp_path), device="cpu", dataset=ds,
                           data=SimpleNamespace(channels=1, mean=[0.5], std=[0.5]))
     cfg = SimpleNamespace(data=SimpleNamespace(split="test", batch_size=2))
-    rows, images = render_channels(ctx, s, ["0"], {"0": 2}, 13, torch.eye(1), seed=0)
+    rows, arrays = render_channels(ctx, s, ["0"], {"0": 2}, 13, Prior(torch.eye(1), None, 0.5), seed=0)
+    images = arrays["channel"]
     _attach_dataset_best(ctx, cfg, rows, ["0"])
     df = metrics_table(rows)
 
@@ -415,7 +416,7 @@ def test_margins_at_the_mean_and_at_the_peak_of_a_template_filter_in_closed_form
     assert df.ratio.iloc[0] == pytest.approx(mean / best_mean, rel=1e-5)
     assert df.ratio_peak.iloc[0] == pytest.approx(peak / best_peak, rel=1e-5)
     assert math.isnan(df.ratio.iloc[1]) and math.isnan(df.ratio_peak.iloc[1])  # denominators < 0
-    m = summary_metrics(df)["channel"]["0"]
+    m = summary_metrics(df, 0.5)["channel"]["0"]
     assert m["out_activates_mean"]["k"] == 2 and m["out_activates_peak"]["k"] == 0
     assert m["median_margin_mean"] == pytest.approx(mean - best_mean, abs=1e-3)
     assert m["median_ratio_mean"] == pytest.approx(mean / best_mean, rel=1e-5)  # channel 1 not averaged in
@@ -599,7 +600,11 @@ def test_stage_uses_the_activations_stage_when_present_and_is_deterministic(tiny
         for f in ("exemplars.parquet", "stats.parquet"):
             (folder / f).unlink()
     assert first == second  # same seed, same bytes
-    assert list(df.kind.unique()) == ["channel"] and df.channel.tolist() == [1, 3, 1, 3]
+    assert list(df.kind.unique()) == ["channel", "accentuated"]
+    acc, df = df[df.kind == "accentuated"], df[df.kind == "channel"]
+    assert df.channel.tolist() == [1, 3, 1, 3]
+    # accentuation starts at each channel's rank-0 exemplar (conv1 only: conv2 has no exemplars here)
+    assert acc.layer.tolist() == ["conv1", "conv1"] and acc.channel.tolist() == [1, 3] and acc.source_index.tolist() == [1, 3]
     c1 = df[df.layer == "conv1"]
     assert c1.dataset_activation.tolist() == [-100.0, 0.25] and c1.dataset_peak.tolist() == [-50.0, 3.0]
     assert (c1.dataset_source == "activations").all()

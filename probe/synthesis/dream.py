@@ -1,7 +1,9 @@
 """Deep Dream: amplify what a layer already sees in an image, at several octaves, with jitter;
 and the zoom-and-repeat variant (dream, zoom in, dream again on the result).
 
-Works in pixel space ([0, 1], clamped) with normalised gradient steps, as the original Deep Dream.
+Normalised gradient steps as the original Deep Dream, but on each pixel's log-odds ``logit(x)`` rather than on
+``x`` clipped to [0, 1]: a pixel slows as it nears 0 or 1 instead of piling up there, so the dream does not
+saturate the image (clipped steps turned most of a digit's pixels pure black or white).
 Only the layers up to the dream layer run, so any image size that layer accepts works, even on
 fixed-size models such as LeNet-5.
 """
@@ -19,6 +21,9 @@ from probe.synthesis.objectives import deep_dream
 from probe.synthesis.render import Normalize, forward_capture, frozen
 
 
+EPS = 1e-3  # pixels are kept this far from 0 and 1, where the log-odds are infinite
+
+
 def roll_per_image(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Circularly shift image ``i`` of ``x`` ``(N, C, H, W)`` by ``(dy[i], dx[i])`` pixels."""
     n, c, h, w = x.shape
@@ -34,7 +39,8 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def dream_steps(model: nn.Module, x: torch.Tensor, layer: str, norm: Normalize, steps: int, lr: float, jitter: int,
                 gen: torch.Generator, where: str = "") -> torch.Tensor:
-    """``steps`` normalised gradient-ascent steps on the L2 norm of ``layer``, each image jittered on its own."""
+    """``steps`` normalised gradient-ascent steps on the L2 norm of ``layer``, each image jittered on its own;
+    the steps are taken on ``logit(x)`` (``x`` kept in ``[EPS, 1 - EPS]``), ``lr`` in log-odds units."""
     objective = deep_dream(layer)
     n = x.shape[0]
     for step in range(steps):
@@ -50,15 +56,15 @@ def dream_steps(model: nn.Module, x: torch.Tensor, layer: str, norm: Normalize, 
             i = int((~torch.isfinite(obj)).nonzero()[0])
             raise NumericalError(f"deep dream: objective is {float(obj[i])} for layer {layer}, image {i}{where} at step {step}")
         (g,) = torch.autograd.grad(obj.sum(), xs)
-        g = roll_per_image(g, -dy, -dx)
+        g = roll_per_image(g, -dy, -dx) * x * (1 - x)  # the gradient with respect to logit(x)
         g = g / g.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        x = (x + lr * g).clamp(0, 1).detach()
+        x = torch.sigmoid(torch.logit(x.clamp(EPS, 1 - EPS)) + lr * g).detach()
     return x
 
 
 def deep_dream_octaves(model: nn.Module, pixels: torch.Tensor, layer: str, *, mean: Sequence[float],
                        std: Sequence[float], octaves: int = 3, octave_scale: float = 1.4, steps: int = 12,
-                       lr: float = 0.02, jitter: int = 2, seed: int = 0) -> torch.Tensor:
+                       lr: float = 0.015, jitter: int = 2, seed: int = 0) -> torch.Tensor:
     """Deep Dream of ``pixels`` ``(N, C, H, W)`` in [0, 1]: smallest octave first, the detail added at
     each octave carried up to the next; returns ``(N, C, H, W)`` in [0, 1]."""
     norm = Normalize(mean, std).to(pixels.device)
@@ -84,7 +90,7 @@ def zoom_in(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def zoom_frames(model: nn.Module, pixels: torch.Tensor, layer: str, *, mean: Sequence[float], std: Sequence[float],
-                frames: int = 4, zoom: float = 1.1, steps: int = 8, lr: float = 0.02, jitter: int = 2,
+                frames: int = 4, zoom: float = 1.1, steps: int = 8, lr: float = 0.015, jitter: int = 2,
                 seed: int = 0) -> torch.Tensor:
     """The lecture's zoom-and-repeat: ``x_{t+1} = dream(zoom(x_t))``; returns the frames ``(frames, N, C, H, W)``."""
     norm = Normalize(mean, std).to(pixels.device)

@@ -96,6 +96,48 @@ def neuron(layer: str, channels, y: int | None = None, x: int | None = None) -> 
     return Objective(fn, [layer], f"neuron[{layer}]")
 
 
+def direction(layer: str, vectors) -> Objective:
+    """The dot product of ``layer``'s activation vector at each position with ``vectors[i]`` (image ``i``;
+    ``(N, C)``, or one ``(C,)`` for all), averaged over positions: Lucid's ``direction`` (its mean also
+    divides by C, which does not change the maximiser)."""
+    v = torch.as_tensor(vectors, dtype=torch.float32)
+
+    def fn(acts: Acts, _x):
+        h = acts[layer]
+        vv = v.to(h.device, h.dtype)
+        vv = vv.expand(h.shape[0], -1) if vv.dim() == 1 else vv
+        if vv.shape != h.shape[:2]:
+            raise ValueError(f"direction: vectors of shape {tuple(vv.shape)} for {layer} of shape {tuple(h.shape)}")
+        return torch.einsum("nc...,nc->n...", h, vv).reshape(h.shape[0], -1).mean(1)
+
+    return Objective(fn, [layer], f"direction[{layer}]")
+
+
+def diversity(layer: str, group: int) -> Objective:
+    """Lucid's diversity term (Olah et al. 2017, "Feature Visualization", Distill, section "Diversity"), a
+    similarity to subtract: consecutive blocks of ``group`` images (the k images of one unit) are compared by
+    the Gram matrices of their ``layer`` activations (channels x channels over positions), each scaled to unit
+    Frobenius norm; image ``i`` gets ``sum_{j != i in its block} <G_i, G_j> / group``, so a block's values sum
+    to Lucid's ``sum_i sum_{j != i} <G_i, G_j> / batch``. ``k`` identical images give ``(k - 1) / k`` each."""
+    if group < 1:
+        raise ValueError(f"diversity: group {group} must be >= 1")
+
+    def fn(acts: Acts, _x):
+        h = acts[layer]
+        n, c = h.shape[:2]
+        if n % group:
+            raise ValueError(f"diversity: a batch of {n} images is not made of blocks of {group}")
+        f = h.reshape(n, c, -1)
+        g = torch.einsum("ncp,ndp->ncd", f, f).reshape(n, -1)
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-10)
+        g = g.reshape(n // group, group, -1)
+        sim = torch.einsum("bid,bjd->bij", g, g)
+        off = sim.sum(2) - torch.diagonal(sim, dim1=1, dim2=2)
+        return (off / group).reshape(n)
+
+    return Objective(fn, [layer], f"diversity[{layer}]")
+
+
 def class_logit(classes) -> Objective:
     """The class score (pre-softmax logit) of class ``classes[i]`` for image ``i``."""
     return Objective(lambda a, _x: _pick(a[LOGITS], classes), [LOGITS], "class_logit")
@@ -119,6 +161,20 @@ def l1(constant: float = 0.5) -> Objective:
 def l2(constant: float = 0.5) -> Objective:
     """Mean ``(x - constant)^2`` over the pixels of each image (a penalty: subtract it)."""
     return Objective(lambda _a, x: (x - constant).pow(2).flatten(1).mean(1), [], "l2")
+
+
+def distance_to(reference: torch.Tensor) -> Objective:
+    """Mean ``(x - reference)^2`` over the pixels of each image, ``reference`` ``(N, C, H, W)`` in [0, 1] (a
+    penalty: feature accentuation's pull towards its seed image, :func:`probe.synthesis.accentuate.accentuate`)."""
+    ref = reference.detach()
+    return Objective(lambda _a, x: (x - ref.to(x.device, x.dtype)).pow(2).flatten(1).mean(1), [], "distance_to_seed")
+
+
+def gaussian_prior(basis) -> Objective:
+    """Mean squared whitened coefficient of each image on the principal components of the training images
+    (:class:`probe.synthesis.param.PixelBasis`): half the negative log-density, per component, of the image's
+    projection under the images' Gaussian model (a penalty: subtract it; 1 is typical of a training image)."""
+    return Objective(lambda _a, x: basis.whiten(x).pow(2).mean(1), [], "gaussian_prior")
 
 
 def total_variation() -> Objective:

@@ -121,6 +121,7 @@ class RenderResult:
     objective: torch.Tensor  # (N,) objective on the final images, without transforms
     acts: dict[str, torch.Tensor]  # the objective's layers on the final images, without transforms (CPU)
     failed_step: torch.Tensor  # (N,) step at which the objective went non-finite, -1 where it never did
+    transparency: torch.Tensor  # (N, C, H, W): sum over steps of |d objective / d pixels| (MACO's transparency map)
 
 
 class Normalize(nn.Module):
@@ -141,7 +142,10 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
            on_nan: str = "error") -> RenderResult:
     """Maximise ``objective`` (one value per image) over ``param``'s ``N`` images with Adam.
 
-    ``labels[i]`` names image ``i`` in error messages ("layer conv1 channel 3"). A non-finite
+    Each step evaluates the objective on ``transforms.copies`` transformed versions of the images and
+    maximises its mean over them. ``transparency`` accumulates ``|d objective / d pixels|`` over the steps
+    (pixels before transforms): MACO's transparency map (Fel et al. 2023, section 3), where the optimisation
+    looked. ``labels[i]`` names image ``i`` in error messages ("layer conv1 channel 3"). A non-finite
     objective raises :class:`NumericalError` (``on_nan="error"``) or freezes that image at its last
     finite parameters and records the step (``on_nan="skip"``). An objective on :data:`LOGITS` sees the
     class scores before a final (log-)softmax (:func:`scores_model`); ``acts[LOGITS]`` holds them.
@@ -153,6 +157,7 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
     labels = list(labels) if labels is not None else [f"image {i}" for i in range(n)]
     failed_step = torch.full((n,), -1, dtype=torch.long)
     alive = torch.ones(n, dtype=torch.bool, device=param.params.device)
+    transparency = None
     opt = torch.optim.Adam([param.params], lr=lr)
     with frozen(model):  # eval mode before the head is traced: no batch-norm statistics change
         if LOGITS in objective.layers:
@@ -162,8 +167,8 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
             redirect = redirected_relus(model) if step < redirect_relu_steps else contextlib.nullcontext()
             with redirect:
                 pixels = param()
-                acts = forward_capture(model, norm(transforms(pixels, gen)), objective.layers)
-                obj = objective(acts, pixels)
+                pixels.retain_grad()
+                obj = _mean_over_copies(model, objective, pixels, norm(transforms(_stack_copies(pixels, transforms), gen)))
             bad = ~torch.isfinite(obj.detach()) & alive
             if bad.any():
                 i = int(bad.nonzero()[0])
@@ -177,6 +182,8 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
                 break
             opt.zero_grad(set_to_none=False)
             (-torch.where(alive, obj, torch.zeros_like(obj)).sum()).backward()
+            step_grad = pixels.grad.detach().abs()
+            transparency = step_grad if transparency is None else transparency + step_grad
             keep = param.params.detach().clone() if not alive.all() else None
             g = param.params.grad
             g.copy_(torch.where(alive.view(-1, *[1] * (g.dim() - 1)), g, torch.zeros_like(g)))
@@ -188,8 +195,24 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
             pixels = param()
             acts = forward_capture(model, norm(pixels), objective.layers)
             obj = objective(acts, pixels)
+    if transparency is None:
+        transparency = torch.zeros_like(pixels)
     return RenderResult(pixels.detach().cpu(), obj.detach().cpu(),
-                        {k: v.detach().cpu() for k, v in acts.items()}, failed_step)
+                        {k: v.detach().cpu() for k, v in acts.items()}, failed_step, transparency.cpu())
+
+
+def _stack_copies(pixels: torch.Tensor, transforms: Transforms) -> torch.Tensor:
+    """``transforms.copies`` copies of the batch, stacked: copy ``j`` of image ``i`` is row ``j * N + i``."""
+    return pixels if transforms.copies == 1 else pixels.repeat(transforms.copies, 1, 1, 1)
+
+
+def _mean_over_copies(model: nn.Module, objective: Objective, pixels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The objective ``(N,)`` averaged over the stacked transformed copies ``x`` ``(copies * N, C, H, W)``."""
+    n = pixels.shape[0]
+    acts = forward_capture(model, x, objective.layers)
+    copies = x.shape[0] // n
+    values = [objective({k: v[j * n:(j + 1) * n] for k, v in acts.items()}, pixels) for j in range(copies)]
+    return values[0] if copies == 1 else torch.stack(values).mean(0)
 
 
 def render_layer(model: nn.Module, layer: str, channels: Sequence[int] | None = None, *,

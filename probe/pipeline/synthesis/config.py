@@ -13,15 +13,20 @@ from probe.errors import ConfigError
 class ParamConfig:
     """How an image is represented while it is optimised."""
 
-    kind: str = "fourier"  # fourier (spectrum scaled by 1/frequency, as Lucid) | pixel
+    # fourier (spectrum scaled by 1/frequency, as Lucid) | maco (phase only, the magnitude of the run's own
+    # training images, Fel et al. 2023) | pca (coefficients on the principal components of the run's own training
+    # images: the image stays in their span) | pixel
+    kind: str = "fourier"
+    variance: float = 0.99  # pca: the fewest components that explain this share of the training images' variance
     decorrelate: bool = True  # colour decorrelation from the run's own training pixels (identity for greyscale)
     decay_power: float = 1.0  # fourier: spectrum scaled by 1 / frequency ** decay_power
     init_sd: float = 0.01  # standard deviation of the random initial parameters
 
     def __post_init__(self) -> None:
-        check_choice("synthesis.param.kind", self.kind, ("fourier", "pixel"))
-        check_range("synthesis.param.decay_power", self.decay_power, 0.0)
-        check_range("synthesis.param.init_sd", self.init_sd, 0.0)
+        check_choice("synthesis.*param.kind", self.kind, ("fourier", "maco", "pca", "pixel"))
+        check_range("synthesis.*param.variance", self.variance, 0.0, 1.0, low_open=True)
+        check_range("synthesis.*param.decay_power", self.decay_power, 0.0)
+        check_range("synthesis.*param.init_sd", self.init_sd, 0.0)
 
 
 @dataclass
@@ -34,6 +39,9 @@ class TransformConfig:
     jitter: float = 0.06  # random translation up to this fraction, per image (0: off)
     scale: list[float] = field(default_factory=lambda: [0.95, 1.05])  # random zoom range per image ([1, 1]: off)
     rotate: float = 5.0  # random rotation up to +- this many degrees per image (0: off)
+    crop: list[float] = field(default_factory=lambda: [1.0, 1.0])  # MACO's random box, [low, high] side fraction ([1, 1]: off)
+    noise: float = 0.0  # MACO's pixel noise: Gaussian of this standard deviation plus uniform of this width (0: off)
+    copies: int = 1  # transformed copies of each image per step; the objective is their mean
 
     def __post_init__(self) -> None:
         check_range("synthesis.transforms.pad", self.pad, 0.0, 0.5)
@@ -42,6 +50,10 @@ class TransformConfig:
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             raise ConfigError(f"synthesis.transforms.scale: {list(self.scale)} must be [low, high] with 0 < low <= high")
         check_range("synthesis.transforms.rotate", self.rotate, 0.0, 180.0)
+        if len(self.crop) != 2 or not 0 < self.crop[0] <= self.crop[1] <= 1:
+            raise ConfigError(f"synthesis.transforms.crop: {list(self.crop)} must be [low, high] with 0 < low <= high <= 1")
+        check_range("synthesis.transforms.noise", self.noise, 0.0)
+        check_range("synthesis.transforms.copies", self.copies, 1)
 
 
 @dataclass
@@ -52,9 +64,11 @@ class Regularisers:
     l2: float = 0.0  # mean (x - 0.5)^2
     tv: float = 0.0  # total variation: mean absolute difference of neighbouring pixels
     blur: float = 0.0  # mean (x - blur(x))^2, blur(x) held constant (Lucid's blur penalty)
+    # mean squared whitened coefficient on the training images' principal components (objectives.gaussian_prior)
+    prior: float = 0.0
 
     def __post_init__(self) -> None:
-        for k in ("l1", "l2", "tv", "blur"):
+        for k in ("l1", "l2", "tv", "blur", "prior"):
             check_range(f"synthesis.*.reg.{k}", getattr(self, k), 0.0)
 
 
@@ -68,7 +82,10 @@ class ClassImages:
     objective: str = "logit"  # logit | log_prob
     steps: int = 96
     lr: float = 0.05
-    reg: Regularisers = field(default_factory=lambda: Regularisers(tv=0.05))
+    # class images in the span of the training images, with their Gaussian prior: the parametrisation other
+    # models recognise best (README, "Feature visualisations that transfer")
+    param: ParamConfig = field(default_factory=lambda: ParamConfig(kind="pca"))
+    reg: Regularisers = field(default_factory=lambda: Regularisers(prior=1.0))
 
     def __post_init__(self) -> None:
         check_choice("synthesis.class_images.objective", self.objective, ("logit", "log_prob"))
@@ -85,7 +102,7 @@ class DreamConfig:
     octaves: int = 3
     octave_scale: float = 1.4  # each octave is this much larger than the one before; the last is full size
     steps: int = 10  # gradient steps per octave
-    lr: float = 0.008  # step size of the normalised gradient step, in pixel units
+    lr: float = 0.015  # step size of the normalised gradient step, in log-odds units (probe.synthesis.dream)
     jitter: int = 2  # random circular shift, in pixels, per image and step
     zoom_frames: int = 4  # zoom-and-repeat frames from the first dream image (0: off)
     zoom: float = 1.1  # zoom factor between frames
@@ -105,6 +122,35 @@ class DreamConfig:
 
 
 @dataclass
+class Accentuate:
+    """Feature accentuation (Hamblin et al. 2024): each channel's top dataset exemplar, optimised for the channel
+    while ``weight * mean((x - exemplar)^2)`` keeps it close; needs the activations stage's exemplars."""
+
+    enabled: bool = True
+    weight: float = 100.0  # pull towards the exemplar (inf: the exemplar itself)
+    steps: int = 48
+    lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_range("synthesis.accentuate.weight", self.weight, 0.0)
+        check_range("synthesis.accentuate.steps", self.steps, 1)
+        check_range("synthesis.accentuate.lr", self.lr, 0.0, low_open=True)
+
+
+@dataclass
+class Diversity:
+    """k channel images per channel, made different by Lucid's diversity term (Olah et al. 2017)."""
+
+    k: int = 1  # images per channel (1: no diversity term)
+    weight: float = 1.0  # weight of the Gram-similarity penalty, relative to the channel objective
+    layer: Optional[str] = None  # whose Gram matrices are compared (None: the channel's own layer)
+
+    def __post_init__(self) -> None:
+        check_range("synthesis.diversity.k", self.k, 1)
+        check_range("synthesis.diversity.weight", self.weight, 0.0)
+
+
+@dataclass
 class SynthesisConfig:
     # channel images: every Conv2d by default (a few evenly spaced ones for models with over 20 convs)
     layers: list[str] = field(default_factory=list)
@@ -121,7 +167,11 @@ class SynthesisConfig:
     reg: Regularisers = field(default_factory=Regularisers)
     class_images: ClassImages = field(default_factory=ClassImages)
     dream: DreamConfig = field(default_factory=DreamConfig)
-    color_samples: int = 2000  # training images used for the colour covariance
+    accentuate: Accentuate = field(default_factory=Accentuate)
+    diversity: Diversity = field(default_factory=Diversity)
+    # run dirs whose models judge the class images (the transfer matrix); runs with another input shape are skipped
+    transfer: list[str] = field(default_factory=list)
+    color_samples: int = 2000  # training images used for the colour covariance, MACO's magnitude and saturation
 
     def __post_init__(self) -> None:
         _check_selection("synthesis.channels", self.channels)

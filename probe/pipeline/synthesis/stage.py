@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,18 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from probe.pipeline.analysis import Context, open_run
+from probe.pipeline.analysis import Context, open_run, run_data
 from probe.hooks import check_layers, middle_conv, spaced_convs
-from probe.pipeline.rundir import stale, staged_dir, stamped
+from probe.pipeline.rundir import load_run, stale, staged_dir, stamped
 from probe.files import write_json, write_npz
 from probe.synthesis import objectives as O
-from probe.pipeline.synthesis.config import SynthesisConfig, SynthesizeStage, select_indices
+from probe.pipeline.synthesis.config import ParamConfig, Regularisers, SynthesisConfig, SynthesizeStage, select_indices
 from probe.synthesis.dream import deep_dream_octaves, zoom_frames
 from probe.synthesis.outputs import grid_png
-from probe.synthesis.param import ImageParam, color_sqrt_from_data
+from probe.synthesis import judge as J
+from probe.synthesis.accentuate import accentuate
+from probe.synthesis.param import (ImageParam, PixelBasis, color_sqrt, maco_magnitude, pca_basis, training_images,
+                                   value_map)
 from probe.synthesis.render import forward_capture, frozen, render
 from probe.synthesis.transform import Transforms
 from probe.uncertainty import paired_comparison, proportion_interval
@@ -96,45 +100,87 @@ def activations_best(run_dir: Path) -> dict[tuple[str, int], tuple[float, float]
     return {k: (top[k], float(r.max)) for r in peak.itertuples() if (k := (str(r.layer), int(r.channel))) in top}
 
 
+@dataclass
+class Prior:
+    """What the run's own training images (``color_samples`` of them) fix for synthesis: the colour decorrelation,
+    MACO's magnitude spectrum and value map (``gain``, ``offset``), the principal components (``basis``), each None
+    where no parametrisation or regulariser asks for it, and the saturation above which an image counts as saturated."""
+
+    color: torch.Tensor
+    saturation_limit: float
+    magnitude: torch.Tensor | None = None
+    gain: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    basis: PixelBasis | None = None
+
+
+def training_prior(ctx: Context, s: SynthesisConfig, size: int) -> Prior:
+    data, c = ctx.data, ctx.data.channels
+    pixels = training_images(data.train, data.mean, data.std, (size, size), s.color_samples)
+    color = color_sqrt(pixels) if s.param.decorrelate else torch.eye(c)
+    prior = Prior(color, J.saturation_limit(J.saturation(pixels)))
+    params = [s.param] + ([s.class_images.param] if s.class_images.enabled else [])
+    if any(p.kind == "maco" for p in params):
+        prior.magnitude = maco_magnitude(pixels, color)
+        energy = prior.magnitude.pow(2).flatten(1).sum(1) / (size * size)  # mean square of each decorrelated channel
+        prior.gain, prior.offset = value_map(pixels, (color.pow(2) @ energy).sqrt())
+    pca = [p.variance for p in params if p.kind == "pca"]
+    if pca or s.reg.prior or s.class_images.reg.prior:
+        prior.basis = pca_basis(pixels, variance=max(pca, default=0.99))
+    return prior
+
+
 def render_channels(ctx: Context, s: SynthesisConfig, layers: list[str], widths: dict[str, int], size: int,
-                    color: torch.Tensor, seed: int) -> tuple[list[dict], np.ndarray]:
-    """All chosen channels of every layer, ``s.batch_size`` images per optimisation batch."""
+                    prior: Prior, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """All chosen channels of every layer, ``s.batch_size`` images per optimisation batch; with
+    ``diversity.k > 1``, k images per channel (``facet`` 0 to k-1) with Lucid's diversity term between them."""
     model, channels = ctx.run.model, ctx.data.channels
     transforms = _transforms(s, size)
-    rows, images, count = [], [], 0
+    k = s.diversity.k
+    rows, images, maps, count = [], [], [], 0
     for layer in layers:
         chosen = select_indices("synthesis.channels", s.channels, widths[layer])
-        log.info("synthesis: %s, %d channels, %d steps", layer, len(chosen), s.steps)
-        for start in range(0, len(chosen), s.batch_size):
-            chunk = chosen[start:start + s.batch_size]
-            param = _param(s, len(chunk), channels, size, color, [stable_seed(seed, layer, c) for c in chunk], ctx.device)
-            objective = O.channel(layer, chunk, s.objective)
-            reg = O.regularisers(s.reg.l1, s.reg.l2, s.reg.tv, s.reg.blur)
+        log.info("synthesis: %s, %d channels x %d images, %d steps", layer, len(chosen), k, s.steps)
+        per_batch = max(1, s.batch_size // k)
+        for start in range(0, len(chosen), per_batch):
+            chunk = chosen[start:start + per_batch]
+            units = [c for c in chunk for _ in range(k)]
+            facets = [j for _ in chunk for j in range(k)]
+            seeds = [stable_seed(seed, layer, c) if j == 0 else stable_seed(seed, layer, c, j) for c, j in zip(units, facets)]
+            param = _param(s.param, len(units), channels, size, prior, seeds, ctx.device)
+            objective = O.channel(layer, units, s.objective)
+            if k > 1 and s.diversity.weight:
+                objective = objective - s.diversity.weight * O.diversity(s.diversity.layer or layer, k)
+            reg = _regularisers(s.reg, prior)
             if reg is not None:
                 objective = objective - reg
             res = render(model, objective, param, steps=s.steps, lr=s.lr, mean=ctx.data.mean, std=ctx.data.std,
                          transforms=transforms, seed=stable_seed(seed, layer, "chunk", start),
                          redirect_relu_steps=s.redirect_relu_steps, on_nan=s.on_nan,
-                         labels=[f"layer {layer} channel {c}" for c in chunk])
+                         labels=[f"layer {layer} channel {c}" + (f" image {j}" if k > 1 else "") for c, j in zip(units, facets)])
             act, peak = spatial_mean(res.acts[layer]), spatial_max(res.acts[layer])
-            for i, c in enumerate(chunk):
-                rows.append({"kind": "channel", "layer": layer, "channel": c, "image": count + i,
+            for i, (c, j) in enumerate(zip(units, facets)):
+                rows.append({"kind": "channel", "layer": layer, "channel": c, "facet": j, "image": count + i,
                              "objective_name": objective.name, "objective": float(res.objective[i]),
                              "activation": float(act[i, c]), "activation_peak": float(peak[i, c]),
                              "failed_step": int(res.failed_step[i])})
             images.append(res.pixels.numpy())
-            count += len(chunk)
-    return rows, np.concatenate(images) if images else np.zeros((0, channels, size, size), np.float32)
+            maps.append(res.transparency.numpy())
+            count += len(units)
+    empty = np.zeros((0, channels, size, size), np.float32)
+    return rows, {"channel": np.concatenate(images) if images else empty,
+                  "channel_transparency": np.concatenate(maps) if maps else empty}
 
 
-def render_classes(ctx: Context, s: SynthesisConfig, size: int, color: torch.Tensor, seed: int) -> tuple[list[dict], np.ndarray]:
+def render_classes(ctx: Context, s: SynthesisConfig, size: int, prior: Prior, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
     """One image per chosen class, maximising its logit (Simonyan et al. 2014, section 2: the unnormalised class
     score; or, with ``objective=log_prob``, its log-probability), with the probability the model assigns it."""
     c = s.class_images
     classes = select_indices("synthesis.class_images.classes", c.classes, ctx.data.num_classes)
-    param = _param(s, len(classes), ctx.data.channels, size, color, [stable_seed(seed, "class", k) for k in classes], ctx.device)
+    param = _param(c.param, len(classes), ctx.data.channels, size, prior, [stable_seed(seed, "class", k) for k in classes],
+                   ctx.device)
     objective = O.class_logit(classes) if c.objective == "logit" else O.class_log_prob(classes)
-    reg = O.regularisers(c.reg.l1, c.reg.l2, c.reg.tv, c.reg.blur)
+    reg = _regularisers(c.reg, prior)
     if reg is not None:
         objective = objective - reg
     log.info("synthesis: %d class images, %d steps", len(classes), c.steps)
@@ -147,7 +193,77 @@ def render_classes(ctx: Context, s: SynthesisConfig, size: int, color: torch.Ten
              "objective": float(res.objective[i]),
              "activation": float(logits[i, k]), "probability": float(prob[i, k]),
              "predicted": int(prob[i].argmax()), "failed_step": int(res.failed_step[i])} for i, k in enumerate(classes)]
-    return rows, res.pixels.numpy()
+    return rows, {"class": res.pixels.numpy(), "class_transparency": res.transparency.numpy()}
+
+
+def accentuate_exemplars(ctx: Context, s: SynthesisConfig, ch_rows: list[dict], prior: Prior,
+                         seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Feature accentuation of every rendered channel's top dataset exemplar (the activations stage's rank-0 image
+    on the analysed split), in one batch per layer; rows of kind ``accentuated`` with the exemplar's own activation
+    as ``dataset_activation``."""
+    a = s.accentuate
+    table = ctx.run.path / EXEMPLARS
+    if not table.is_file() or stale(ctx.run.path, "activations"):
+        log.warning("synthesis: no current activations stage exemplars in %s; skipping feature accentuation", ctx.run.path)
+        return [], {}
+    top = pd.read_parquet(table, columns=["layer", "channel", "rank", "index"])
+    top = {(str(r.layer), int(r.channel)): int(r.index) for r in top[top["rank"] == 0].itertuples()}
+    rows, images, seeds_out, count = [], [], [], 0
+    for layer in dict.fromkeys(r["layer"] for r in ch_rows):
+        units = [r["channel"] for r in ch_rows if r["layer"] == layer and r.get("facet", 0) == 0 and (layer, r["channel"]) in top]
+        if not units:
+            continue
+        idx = [top[(layer, c)] for c in units]
+        seeds = ctx.data.denormalize(torch.stack([ctx.dataset[i][0] for i in idx])).clamp(0, 1)
+        if tuple(seeds.shape[2:]) != tuple(ctx.probe_x.shape[2:]) or seeds.shape[1] != ctx.data.channels:
+            continue
+        log.info("synthesis: accentuating the top exemplar of %d channels of %s, %d steps", len(units), layer, a.steps)
+        res = accentuate(ctx.run.model, O.channel(layer, units, s.objective), seeds, weight=a.weight, steps=a.steps,
+                         lr=a.lr, mean=ctx.data.mean, std=ctx.data.std, color=prior.color,
+                         transforms=_transforms(s, seeds.shape[-1]), seed=stable_seed(seed, "accentuate", layer),
+                         labels=[f"layer {layer} channel {c} (accentuated)" for c in units], on_nan=s.on_nan)
+        before = spatial_mean(_layer(ctx, layer, seeds))
+        act = spatial_mean(res.acts[layer])
+        for i, (c, d) in enumerate(zip(units, idx)):
+            rows.append({"kind": "accentuated", "layer": layer, "channel": c, "image": count + i, "source_index": d,
+                         "objective_name": f"channel[{layer}] - {a.weight} * distance_to_seed",
+                         "objective": float(res.objective[i]), "activation": float(act[i, c]),
+                         "dataset_activation": float(before[i, c]), "dataset_source": "exemplar",
+                         "distance": float((res.pixels[i] - seeds[i]).pow(2).mean()),
+                         "failed_step": int(res.failed_step[i])})
+        images.append(res.pixels.numpy())
+        seeds_out.append(seeds.numpy())
+        count += len(units)
+    if not images:
+        return [], {}
+    return rows, {"accentuated": np.concatenate(images), "accentuated_source": np.concatenate(seeds_out)}
+
+
+def _layer(ctx: Context, layer: str, pixels: torch.Tensor) -> torch.Tensor:
+    from probe.synthesis.render import Normalize
+
+    with torch.no_grad(), frozen(ctx.run.model):
+        return forward_capture(ctx.run.model, Normalize(ctx.data.mean, ctx.data.std)(pixels.to(ctx.device)), [layer])[layer].cpu()
+
+
+def transfer_rows(ctx: Context, s: SynthesisConfig, pixels: np.ndarray, classes: list[int]) -> list[dict]:
+    """The transfer matrix of the class images: every run of ``s.transfer`` (other than this one) whose model takes
+    the same input shape judges them (:func:`probe.synthesis.judge.transfer`); rows of kind ``class_transfer``."""
+    judges = {}
+    for path in s.transfer:
+        if Path(path).resolve() == ctx.run.path.resolve():
+            continue
+        other = load_run(path)
+        inp = run_data(other.card)
+        if (inp.channels, inp.image_size) != (ctx.data.channels, pixels.shape[-1]):
+            log.warning("synthesis.transfer: %s takes %d x %d px images, these are %d x %d; skipped", path,
+                        inp.channels, inp.image_size, ctx.data.channels, pixels.shape[-1])
+            continue
+        judges[Path(path).name] = (other.model.to(ctx.device), inp.mean, inp.std)
+    if not judges:
+        return []
+    df = J.transfer(judges, torch.as_tensor(pixels), classes)
+    return [{"kind": "class_transfer", "layer": O.LOGITS, **r, "failed_step": -1} for r in df.to_dict("records")]
 
 
 def render_dreams(ctx: Context, s: SynthesisConfig, layer: str, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -182,17 +298,28 @@ def _dream_norm(model, layer, pixels, ctx) -> torch.Tensor:
     return O.deep_dream(layer)(acts, pixels).cpu()
 
 
-def _param(s: SynthesisConfig, n, channels, size, color, seeds, device) -> ImageParam:
-    p = s.param
-    return ImageParam(n, channels, size, kind=p.kind, color=color, decay_power=p.decay_power, init_sd=p.init_sd,
-                      seeds=seeds, device=device)
+def _param(p: ParamConfig, n: int, channels: int, size: int, prior: Prior, seeds: list[int], device) -> ImageParam:
+    maco = p.kind == "maco"
+    return ImageParam(n, channels, size, kind=p.kind, color=prior.color, decay_power=p.decay_power, init_sd=p.init_sd,
+                      seeds=seeds, magnitude=prior.magnitude if maco else None, basis=prior.basis,
+                      gain=prior.gain if maco else None, offset=prior.offset if maco else None, device=device)
+
+
+def _regularisers(reg: Regularisers, prior: Prior):
+    """The weighted penalties of ``reg`` (to subtract), or None."""
+    terms = O.regularisers(reg.l1, reg.l2, reg.tv, reg.blur)
+    if reg.prior:
+        g = reg.prior * O.gaussian_prior(prior.basis)
+        terms = g if terms is None else terms + g
+    return terms
 
 
 def _transforms(s: SynthesisConfig, size: int) -> Transforms:
     t = s.transforms
     if not t.enabled:
         return Transforms.off()
-    return Transforms.from_fractions(size, t.pad, t.pad_mode, t.jitter, t.scale, t.rotate)
+    return Transforms.from_fractions(size, t.pad, t.pad_mode, t.jitter, t.scale, t.rotate, crop=t.crop, noise=t.noise,
+                                     copies=t.copies)
 
 
 def _attach_dataset_best(ctx: Context, cfg: SynthesizeStage, rows: list[dict], layers: list[str]) -> None:
@@ -218,23 +345,27 @@ def _attach_dataset_best(ctx: Context, cfg: SynthesizeStage, rows: list[dict], l
             r["dataset_source"] = f"computed:{cfg.data.split}"
 
 
-COLUMNS = ["kind", "layer", "channel", "class", "image", "objective_name", "objective", "activation", "dataset_activation",
-           "margin", "ratio", "out_activates", "activation_peak", "dataset_peak", "margin_peak", "ratio_peak",
-           "out_activates_peak", "probability", "predicted", "dataset_source", "failed_step"]
+COLUMNS = ["kind", "layer", "channel", "facet", "class", "image", "judge", "objective_name", "objective", "activation",
+           "dataset_activation", "margin", "ratio", "out_activates", "activation_peak", "dataset_peak", "margin_peak",
+           "ratio_peak", "out_activates_peak", "probability", "predicted", "recognised", "saturation", "saturated",
+           "source_saturation", "source_index", "distance", "dataset_source", "failed_step"]
 
 
 def metrics_table(rows: list[dict]) -> pd.DataFrame:
-    """One row per image. Against the best dataset image: ``margin = activation - dataset_activation``
+    """One row per image (and per judge for ``class_transfer``). Against the best dataset image: ``margin = activation - dataset_activation``
     (spatial means), ``margin_peak = activation_peak - dataset_peak`` (maxima over positions),
     ``out_activates(_peak)``: margin > 0. ``ratio(_peak)``: activation / dataset value only where that
     value is > 0 (a ratio against a value <= 0 has no meaning: NaN there). A failed image (``failed_step``
     >= 0) has NaN activations and margins and ``out_activates`` False: it found nothing."""
     df = pd.DataFrame(rows).reindex(columns=COLUMNS)
-    for col in ("channel", "class", "predicted"):
+    for col in ("channel", "facet", "class", "predicted", "source_index"):
         df[col] = df[col].astype("Int64")
-    for col in ("objective", "activation", "dataset_activation", "activation_peak", "dataset_peak", "probability"):
+    for col in ("objective", "activation", "dataset_activation", "activation_peak", "dataset_peak", "probability",
+                "saturation", "source_saturation", "distance"):
         df[col] = df[col].astype("float64")
-    for col in ("dataset_source", "objective_name"):
+    for col in ("recognised", "saturated"):
+        df[col] = df[col].astype("boolean")
+    for col in ("dataset_source", "objective_name", "judge"):
         df[col] = df[col].astype("string")
     failed = df["failed_step"] >= 0
     df.loc[failed, ["objective", "activation", "activation_peak"]] = np.nan
@@ -276,14 +407,23 @@ def compare_to_dataset(g: pd.DataFrame) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def summary_metrics(df: pd.DataFrame) -> dict:
-    """Small dict for ``dvc metrics``: per channel layer (and ``all``) :func:`compare_to_dataset`; the class
-    images' probability (mean, min) and how many the model predicts as their class; Deep Dream's gain."""
-    out: dict = {}
+def share(flags: pd.Series) -> dict:
+    """The share of True in ``flags`` with Wilson's interval and ``k``."""
+    k = int(flags.fillna(False).astype(bool).sum())
+    return {**proportion_interval(k, len(flags)).to_dict(), "k": k}
+
+
+def summary_metrics(df: pd.DataFrame, saturation_limit: float) -> dict:
+    """Small dict for ``dvc metrics``: per channel layer (and ``all``) :func:`compare_to_dataset` and the share of
+    saturated images; the class images' probability (mean, min), how many the model predicts as their class, and
+    how many other runs recognise (the transfer); accentuation's gain over its exemplars; Deep Dream's gain and
+    saturation against its source images."""
+    out: dict = {"saturation_limit": saturation_limit}
     ch = df[df["kind"] == "channel"]
     if len(ch):
-        out["channel"] = {layer: compare_to_dataset(g) for layer, g in ch.groupby("layer", sort=False)}
-        out["channel"]["all"] = compare_to_dataset(ch)
+        out["channel"] = {layer: {**compare_to_dataset(g), "saturated": share(g["saturated"])}
+                          for layer, g in ch.groupby("layer", sort=False)}
+        out["channel"]["all"] = {**compare_to_dataset(ch), "saturated": share(ch["saturated"])}
     cl = df[df["kind"] == "class"]
     if len(cl):
         ok = cl[cl["probability"].notna()]
@@ -292,9 +432,20 @@ def summary_metrics(df: pd.DataFrame) -> dict:
                                     "min": _finite_or_none(ok["probability"].min()),
                                     "predicted": {**proportion_interval(hit, len(cl)).to_dict(), "k": hit}}
         out["class_probability"] = {k: v for k, v in out["class_probability"].items() if v is not None}
+        out["class_saturated"] = share(cl["saturated"])
+    tr = df[df["kind"] == "class_transfer"]
+    if len(tr):
+        out["transfer"] = {"all": share(tr["recognised"]),
+                           **{str(j): share(g["recognised"]) for j, g in tr.groupby("judge", sort=True)}}
+    ac = df[df["kind"] == "accentuated"]
+    if len(ac):
+        out["accentuated"] = {layer: {"out_activates": share(g["out_activates"]), "distance": float(g["distance"].mean()),
+                                      "saturated": share(g["saturated"])} for layer, g in ac.groupby("layer", sort=False)}
     dr = df[df["kind"] == "dream"]
     if len(dr):
         out["dream_gain"] = {"mean": float(dr["ratio"].mean()), "min": float(dr["ratio"].min())}
+        out["dream_saturation"] = {"mean": float(dr["saturation"].mean()), "source_mean": float(dr["source_saturation"].mean()),
+                                   "saturated": share(dr["saturated"])}
     out["failed_images"] = {"count": int((df["failed_step"] >= 0).sum())}
     return out
 
@@ -311,27 +462,40 @@ def run(cfg: SynthesizeStage) -> Path:
     model = ctx.run.model
     size = s.image_size or ctx.data.image_size
     channels = ctx.data.channels
-    color = (color_sqrt_from_data(ctx.data.train, ctx.data.mean, ctx.data.std, channels, s.color_samples)
-             if s.param.decorrelate else torch.eye(channels))
+    prior = training_prior(ctx, s, size)
     layers = check_layers(model, s.layers, key="synthesis.layers") if s.layers else spaced_convs(model)
     dream_layer = s.dream.layer or middle_conv(model)
     widths = layer_widths(model, layers, channels, size, ctx.device) if layers else {}
 
-    rows, arrays = [], {"color_sqrt": color.numpy()}
-    ch_rows, arrays["channel"] = render_channels(ctx, s, layers, widths, size, color, cfg.seed)
+    rows, arrays = [], {"color_sqrt": prior.color.numpy()}
+    if prior.magnitude is not None:
+        arrays["maco_magnitude"] = prior.magnitude.numpy()
+    ch_rows, ch_arrays = render_channels(ctx, s, layers, widths, size, prior, cfg.seed)
+    arrays.update(ch_arrays)
     _attach_dataset_best(ctx, cfg, ch_rows, layers)
     rows += ch_rows
     if s.class_images.enabled:
-        cl_rows, arrays["class"] = render_classes(ctx, s, size, color, cfg.seed)
-        rows += cl_rows
+        cl_rows, cl_arrays = render_classes(ctx, s, size, prior, cfg.seed)
+        rows += cl_rows + transfer_rows(ctx, s, cl_arrays["class"], [r["class"] for r in cl_rows])
+        arrays.update(cl_arrays)
+    if s.accentuate.enabled and ch_rows:
+        ac_rows, ac_arrays = accentuate_exemplars(ctx, s, ch_rows, prior, cfg.seed)
+        rows += ac_rows
+        arrays.update(ac_arrays)
     if s.dream.enabled and dream_layer is not None:
         check_layers(model, [dream_layer], key="synthesis.dream.layer")
         dr_rows, dr_arrays = render_dreams(ctx, s, dream_layer, cfg.seed)
         rows += dr_rows
         arrays.update(dr_arrays)
+    for r in rows:  # every image judged for saturation (:func:`probe.synthesis.judge.saturation`)
+        if r["kind"] in ("channel", "class", "accentuated", "dream", "zoom"):
+            r["saturation"] = float(J.saturation(arrays[r["kind"]][r["image"]][None])[0])
+            r["saturated"] = r["saturation"] > prior.saturation_limit
+        if r["kind"] in ("dream", "zoom"):
+            r["source_saturation"] = float(J.saturation(arrays["dream_source"][r["image"] if r["kind"] == "dream" else 0][None])[0])
 
     df = metrics_table(rows)
-    metrics = summary_metrics(df)
+    metrics = summary_metrics(df, prior.saturation_limit)
     bad = df[df["failed_step"] >= 0]
     for r in bad.itertuples():
         log.warning("synthesis: %s image %s of %s went non-finite at step %d (kept as NaN in metrics)",
