@@ -5,7 +5,13 @@ for the same number of steps at the same image size (64 x 64, Fourier parametris
 colour matrix, Adam lr 0.05, Lucent-like transforms). "Activation reached" is measured the same way
 for all: the channel's spatial mean on the final 64 x 64 image, no transforms, eval mode.
 
-    python benchmarks/bench_synthesis.py [--quick] [--channels N] [--lucent-channels M] [--threads T]
+    python benchmarks/bench_synthesis.py [--param fourier|maco] [--quick] [--channels N] [--lucent-channels M] [--threads T]
+
+``--param maco`` renders probe's batched and one-at-a-time images with MACO's parametrisation (phase only,
+a fixed magnitude: here that of 1/f noise images, since no dataset is downloaded) and MACO's transforms (a
+random crop of 80-100% of the side per step, noise 0.05; one crop, so every way does one forward pass per step) and lr 0.3; Lucent stays on its own Fourier ``render_vis``
+(it has no MACO), so that row compares probe's MACO with the Lucent a user would otherwise run. The figures
+are written to ``benchmarks/results/synthesis_<param>.json``.
 
 By default all 128 channels are rendered batched and one at a time, and Lucent renders the first
 16 of them (it takes about a second per channel); per-channel figures compare like with like.
@@ -22,6 +28,7 @@ import copy
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +36,7 @@ import torchvision
 
 from probe.data import IMAGENET_MEAN, IMAGENET_STD
 from probe.synthesis import objectives as O
-from probe.synthesis.param import ImageParam
+from probe.synthesis.param import ImageParam, fft_scale, maco_magnitude
 from probe.synthesis.render import Normalize, forward_capture, frozen, render
 from probe.synthesis.transform import Transforms
 
@@ -45,12 +52,26 @@ def activation_reached(model, pixels: torch.Tensor, channels: list[int]) -> np.n
     return h[torch.arange(len(channels)), channels].mean((1, 2)).numpy()
 
 
-def probe_render(model, channels: list[int], steps: int, size: int, seed: int = 0) -> torch.Tensor:
+def pink_noise_magnitude(size: int, n: int = 64, seed: int = 0) -> torch.Tensor:
+    """MACO's magnitude template from ``n`` images of 1/f noise (a stand-in for natural images' spectrum)."""
+    g = torch.Generator().manual_seed(seed)
+    white = torch.fft.rfft2(torch.randn(n, 3, size, size, generator=g))
+    noise = torch.fft.irfft2(white * fft_scale(size, size), s=(size, size))
+    pixels = torch.sigmoid(noise / noise.std())
+    return maco_magnitude(pixels, LUCENT_COLOR)
+
+
+def probe_render(model, channels: list[int], steps: int, size: int, seed: int = 0, kind: str = "fourier",
+                 magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """probe's render of ``channels`` in one batch; pixels ``(N, 3, size, size)``."""
-    param = ImageParam(len(channels), 3, size, kind="fourier", color=LUCENT_COLOR, seeds=[seed + c for c in channels])
-    # Lucent's standard transforms at 64 px: pad 12 (grey), jitter, scale 0.9-1.1, rotate +-10, resize back
-    transforms = Transforms(pad=12, pad_mode="constant", jitter=4, scale=(0.9, 1.1), rotate=10, final="resize", out_size=size)
-    res = render(model, O.channel(LAYER, channels), param, steps=steps, lr=0.05, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    param = ImageParam(len(channels), 3, size, kind=kind, color=LUCENT_COLOR, seeds=[seed + c for c in channels],
+                       magnitude=magnitude)
+    if kind == "maco":
+        transforms = Transforms(crop=(0.8, 1.0), noise=0.05)  # one crop per step: Lucent's number of forward passes
+    else:  # Lucent's standard transforms at 64 px: pad 12 (grey), jitter, scale 0.9-1.1, rotate +-10, resize back
+        transforms = Transforms(pad=12, pad_mode="constant", jitter=4, scale=(0.9, 1.1), rotate=10, final="resize",
+                                out_size=size)
+    res = render(model, O.channel(LAYER, channels), param, steps=steps, lr=0.3 if kind == "maco" else 0.05, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  transforms=transforms, seed=seed, redirect_relu_steps=16)
     return res.pixels
 
@@ -71,19 +92,22 @@ def _timed(fn):
 
 
 def run(quick: bool = False, channels: int | None = None, lucent_channels: int | None = None, steps: int = 32,
-        size: int = 64) -> dict:
+        size: int = 64, kind: str = "fourier") -> dict:
     """Figures per channel for the three ways; ratios against the batched render, measured in this run."""
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     n = channels or (16 if quick else 128)
     n_lucent = min(n, lucent_channels or (4 if quick else 16))
     chans = list(range(n))
-    result = {"model": "resnet18 (random weights)", "layer": LAYER, "channels": n, "lucent_channels": n_lucent,
-              "steps": steps, "size": size, "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}
+    result = {"model": "resnet18 (random weights)", "layer": LAYER, "param": kind, "channels": n,
+              "lucent_channels": n_lucent, "steps": steps, "size": size, "threads": torch.get_num_threads(),
+              "load_avg_1min": os.getloadavg()[0]}
+    magnitude = pink_noise_magnitude(size) if kind == "maco" else None
+    ours = lambda cs: probe_render(model, cs, steps, size, kind=kind, magnitude=magnitude)  # noqa: E731
 
-    pixels, t = _timed(lambda: probe_render(model, chans, steps, size))
+    pixels, t = _timed(lambda: ours(chans))
     rows = {"batched": (t, n, activation_reached(model, pixels, chans))}
-    pixels, t = _timed(lambda: torch.cat([probe_render(model, [c], steps, size) for c in chans]))
+    pixels, t = _timed(lambda: torch.cat([ours([c]) for c in chans]))
     rows["one_at_a_time"] = (t, n, activation_reached(model, pixels, chans))
     try:
         import lucent  # noqa: F401
@@ -119,11 +143,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--param", choices=("fourier", "maco"), default="fourier")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    r = run(args.quick, args.channels, args.lucent_channels, args.steps, args.size)
-    print(f"{r['model']} {r['layer']}, {r['steps']} steps, {r['size']}x{r['size']}, {r['threads']} threads, "
+    r = run(args.quick, args.channels, args.lucent_channels, args.steps, args.size, args.param)
+    if not args.quick:
+        out = Path(__file__).parent / "results" / f"synthesis_{args.param}.json"
+        out.write_text(json.dumps(r, indent=2) + "\n")
+    print(f"{r['model']} {r['layer']}, {r['param']}, {r['steps']} steps, {r['size']}x{r['size']}, {r['threads']} threads, "
           f"load average {r['load_avg_1min']:.1f}")
     print(f"{'method':<19}{'channels':>9}{'wall s/ch':>10}{'cpu s/ch':>9}{'batched faster':>22}"
           f"{'act. mean':>10}{'batched act.':>13}{'batched >=':>11}")

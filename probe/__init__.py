@@ -12,7 +12,7 @@ The Python API works on any ``nn.Module`` and any batches of images, without Hyd
 - attributions: :func:`attribution_maps` (Captum methods, :class:`MethodSettings`) and their
   :func:`faithfulness_metrics` (deletion, insertion, ROAD);
 - feature visualisation: :func:`render_layer`, or Lucent's pieces :mod:`objectives`, :class:`ImageParam`,
-  :class:`Transforms`, :func:`render`;
+  :class:`Transforms`, :func:`render`; :func:`accentuate` (feature accentuation of real images);
 - geometry: :func:`equivariance_table`, :func:`invariance_table`, :func:`erf_maps`;
 - how networks differ: :func:`compare` (CKA of every layer pair of several models on the same images, units
   matched across them) over :class:`CKA`, :class:`UnitCorrelation` and :func:`linear_cka`;
@@ -34,7 +34,7 @@ _MODULES = {  # where each public name is defined
     "probe.hooks": ["default_layers", "layer_outputs", "Capture"],
     "probe.activations": ["collect", "PopulationStats"],
     "probe.saliency": ["attribution_maps", "faithfulness_metrics", "MethodSettings"],
-    "probe.synthesis": ["render_layer", "render", "objectives", "ImageParam", "Transforms"],
+    "probe.synthesis": ["render_layer", "render", "objectives", "ImageParam", "Transforms", "accentuate"],
     "probe.geometry": ["equivariance_table", "invariance_table", "erf_maps"],
     "probe.similarity": ["compare", "CKA", "UnitCorrelation", "linear_cka"],
     "probe.errors": ["LayerNotFound"],
@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from probe.models.summary import format_table, layer_table
     from probe.saliency import MethodSettings, attribution_maps, faithfulness_metrics
     from probe.similarity import CKA, UnitCorrelation, compare, linear_cka
-    from probe.synthesis import ImageParam, Transforms, objectives, render, render_layer
+    from probe.synthesis import ImageParam, Transforms, accentuate, objectives, render, render_layer
 
 
 def __getattr__(name: str):

@@ -48,7 +48,9 @@ class Objective:
         return -1 * self
 
     def __sub__(self, other) -> "Objective":
-        return self + (-other if isinstance(other, Objective) else -other)
+        if isinstance(other, (int, float)):
+            return self + (-other)
+        return Objective(lambda a, x: self(a, x) - other(a, x), self.layers + other.layers, f"({self.name} - {other.name})")
 
     def __rsub__(self, other) -> "Objective":
         return (-self) + other

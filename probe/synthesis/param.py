@@ -223,8 +223,11 @@ class ImageParam(torch.nn.Module):
         image itself, before clamping)."""
         if self.kind == "pixel":
             return self.params
-        if self.kind == "maco":
-            return torch.fft.ifft2(self.spectrum(), norm="ortho").real
+        if self.kind == "maco":  # the spectrum is Hermitian: its inverse is irfft2 of the non-negative x frequencies
+            half = self.w // 2 + 1
+            phase = antisymmetric(self.params)[..., :half]
+            spectrum = torch.polar(self.magnitude[..., :half].expand_as(phase), phase)
+            return torch.fft.irfft2(spectrum, s=(self.h, self.w), norm="ortho")
         if self.kind == "pca":
             return (self.basis_mean + self.params @ self.basis_scaled).view(-1, self.c, self.h, self.w)
         spectrum = torch.view_as_complex(self.params) * self.scale

@@ -11,7 +11,8 @@ from __future__ import annotations
 from probe.pipeline.report import training
 from probe.pipeline.report.claims import counts, fmt_comparison, fmt_estimate, is_estimate
 from probe.pipeline.report.collect import RunData
-from probe.pipeline.report.sections import baseline_pairs, out_activation, saliency_methods, survival_parts, untrained
+from probe.pipeline.report.sections import (baseline_pairs, out_activation, saliency_methods, survival_parts, transfer,
+                                            untrained)
 
 
 def _finding(text: str, source: str) -> dict:
@@ -40,6 +41,7 @@ def beating_random(r: RunData) -> tuple[int, int, int] | None:
 def headline_rows(runs: list[RunData]) -> list[dict]:
     """One row per run: the numbers the README's findings table states, from each stage's metrics.json."""
     rows = []
+    recognised = transfer(runs)[2]
     for r in runs:
         acc = training.accuracy(r)
         row = {"run": r.label, "model": r.model, "epochs": training_epochs(r),
@@ -52,6 +54,7 @@ def headline_rows(runs: list[RunData]) -> list[dict]:
         row["saliency methods beating random orders (deletion / insertion)"] = f"{b[0]} / {b[1]} of {b[2]}" if b else "not measured"
         s = r.metrics.get("synthesis", {})
         row["class images predicted as their class"] = _kn(s.get("class_probability", {}).get("predicted"))
+        row["its class images recognised by the other trained runs"] = _kn(recognised.get(r.label))
         pooled = s.get("channel", {}).get("all", {}) if isinstance(s.get("channel"), dict) else {}
         row["channel images out-activating the best exemplar (mean / peak)"] = (
             f"{_kn(pooled.get('out_activates_mean'))} / {_kn(pooled.get('out_activates_peak'))}" if pooled else "not measured")
@@ -136,6 +139,12 @@ def findings(runs: list[RunData], parts: list[dict], comparison_metrics: dict | 
                                 + (f"at the unit's peak, {_kn(peak)} channel images out-activate the best dataset image "
                                    f"({fmt_estimate(peak)})." if is_estimate(peak) else ""),
                                 "synthesis/metrics.json"))
+    _, pooled, per_maker = transfer(runs)
+    if pooled:
+        out.append(_finding(f"The other trained runs recognise {_kn(pooled)} of the trained runs' class images "
+                            f"({fmt_estimate(pooled)}; by the run that made them: "
+                            + ", ".join(f"{m} {_kn(e)}" for m, e in per_maker.items()) + ").",
+                            "synthesis/metrics.parquet"))
     return out
 
 

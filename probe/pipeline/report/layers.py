@@ -82,6 +82,11 @@ class LayerData:
         return df[df["kind"] == "channel"] if df is not None and "kind" in df else None
 
     @cached_property
+    def accentuated(self) -> pd.DataFrame | None:
+        df = self.r.table("synthesis", "metrics")
+        return df[df["kind"] == "accentuated"] if df is not None and "kind" in df else None
+
+    @cached_property
     def synthesis_images(self):
         return self.r.arrays("synthesis", "images")
 
@@ -115,6 +120,17 @@ class LayerData:
             return None
         hit = self.synthesis[(self.synthesis["layer"] == layer) & (self.synthesis["channel"] == unit)]
         return self.synthesis_images["channel"][int(hit["image"].iloc[0])] if len(hit) else None
+
+    def accentuation(self, layer: str, unit: int) -> tuple[np.ndarray, float | None] | None:
+        """The unit's feature accentuation of its top exemplar ``(C, H, W)``, and its activation over the exemplar's."""
+        a, z = self.accentuated, self.synthesis_images
+        if a is None or z is None or "accentuated" not in z.files:
+            return None
+        hit = a[(a["layer"] == layer) & (a["channel"] == unit)]
+        if not len(hit):
+            return None
+        gain = float(hit["activation"].iloc[0] - hit["dataset_activation"].iloc[0])
+        return z["accentuated"][int(hit["image"].iloc[0])], gain if np.isfinite(gain) else None
 
     def kernel(self, layer: str, unit: int) -> tuple[np.ndarray, bool] | None:
         """The first conv layer's kernel of ``unit`` as an image, and whether it is signed (one input channel)."""
@@ -263,6 +279,9 @@ def unit_strip(ld: LayerData, layer: str, units: list[int], atlas: str) -> dict 
             cells.append(_img_cell(image_uri(syn), f"synthetic image of unit {unit}", "synthetic"))
         else:
             cells.append({"text": "no image"})
+        acc = ld.accentuation(layer, unit)
+        cells.append(_img_cell(image_uri(acc[0]), f"accentuated exemplar of unit {unit}", "accentuated")
+                     if acc is not None else {"text": ""})
         ex = ld.exemplar_crops(layer, unit)
         if ex is not None:
             crops, labels = ex
@@ -275,9 +294,10 @@ def unit_strip(ld: LayerData, layer: str, units: list[int], atlas: str) -> dict 
         return None
     width = max(len(r) for r in rows)
     rows = [r + [{"text": ""}] * (width - len(r)) for r in rows]
-    return {"kind": "images", "caption": f"The {len(units)} most class-selective units: image and top dataset exemplars "
-            "(crops of the unit's receptive field, strongest first, each with its class)",
-            "columns": ["unit", "image"] + [f"exemplar {j + 1}" for j in range(width - 2)], "rows": rows}
+    return {"kind": "images", "caption": f"The {len(units)} most class-selective units: synthetic image, its top "
+            "exemplar accentuated (optimised for the unit while kept close to the whole exemplar image: Hamblin et al. "
+            "2024), and top dataset exemplars (crops of the unit's receptive field, strongest first, each with its class)",
+            "columns": ["unit", "image", "accentuated"] + [f"exemplar {j + 1}" for j in range(width - 3)], "rows": rows}
 
 
 def _hist_svg(g: pd.DataFrame) -> dict | None:
@@ -321,6 +341,10 @@ def card(ld: LayerData, layer: str, unit: int, u: pd.Series, colour: str, matche
         images.append({"uri": image_uri(k[0], signed=k[1]), "alt": "kernel", "what": "kernel", "width": CELL, "height": CELL})
     if syn is not None:
         images.append({"uri": image_uri(syn), "alt": "synthetic image", "what": "synthetic", "width": CELL, "height": CELL})
+    acc = ld.accentuation(layer, unit)
+    if acc is not None:
+        images.append({"uri": image_uri(acc[0]), "alt": "accentuated top exemplar", "what": "accentuated",
+                       "width": CELL, "height": CELL})
     ex = ld.exemplar_crops(layer, unit)
     if ex is not None:
         crops, labels = ex
@@ -352,6 +376,10 @@ def card(ld: LayerData, layer: str, unit: int, u: pd.Series, colour: str, matche
             numbers.append(("synthetic − best exemplar (mean / peak)",
                             f"{num(float(hit['margin'].iloc[0]))} / {num(float(hit['margin_peak'].iloc[0]))}"
                             if "margin_peak" in hit else num(float(hit['margin'].iloc[0]))))
+        if len(hit) and "saturation" in hit and pd.notna(hit["saturation"].iloc[0]):
+            numbers.append(("synthetic image saturation", num(float(hit["saturation"].iloc[0]))))
+    if acc is not None and acc[1] is not None:
+        numbers.append(("accentuated − its exemplar (mean)", num(acc[1])))
     return {"id": f"unit-{unit}", "title": f"{layer} · unit {unit}", "dead": dead, "images": images,
             "profile": profile, "profile_max": pmax, "profile_what": pwhat, "colour": colour,
             "hist": _hist_svg(hg) if hg is not None else None, "numbers": numbers, "matches": matches}

@@ -630,13 +630,49 @@ def out_activation(r: RunData) -> list[dict]:
     return out
 
 
+def transfer(runs: list[RunData]) -> tuple[pd.DataFrame, dict | None, dict[str, dict]]:
+    """Class images judged by other runs (synthesis/metrics.parquet, kind ``class_transfer``): a table with a row per
+    run that made the images and a column per judge (recognised k of n, mean probability of the class); the share
+    recognised over every pair of distinct trained runs (untrained runs neither make nor judge it), with Wilson's
+    interval; and each trained maker's own share, as Estimates."""
+    trained = {r.label for r in runs if not untrained(r)}
+    rows, hits, per_maker = [], [], {}
+    for r in runs:
+        df = r.table("synthesis", "metrics")
+        if df is None or "kind" not in df or not (df["kind"] == "class_transfer").any():
+            continue
+        t = df[df["kind"] == "class_transfer"]
+        row = {"class images of": r.label}
+        for judge, g in t.groupby("judge", sort=True):
+            rec = g["recognised"].astype(bool)
+            row[f"judged by {judge}"] = f"{int(rec.sum())} of {len(g)} (p {float(g['probability'].mean()):.2f})"
+        rows.append(row)
+        if r.label in trained:
+            mine = t[t["judge"].astype(str).isin(trained - {r.label}) | ~t["judge"].astype(str).isin({x.label for x in runs})]
+            rec = mine["recognised"].astype(bool)
+            if len(rec):
+                per_maker[r.label] = proportion_interval(int(rec.sum()), len(rec)).to_dict()
+                hits.append(rec.to_numpy())
+    pooled = None
+    if hits:
+        h = np.concatenate(hits)
+        pooled = proportion_interval(int(h.sum()), len(h)).to_dict()
+    order = [f"judged by {r.label}" for r in runs]  # judges in the runs' order, others after
+    table = pd.DataFrame(rows)
+    cols = ["class images of"] + [c for c in order if c in table] + sorted(c for c in table if c not in order and c != "class images of")
+    return (table[cols] if len(table) else table), pooled, per_maker
+
+
 def synthesis(runs: list[RunData]) -> dict:
     s = _section("synthesis", "Maximum-response synthesis",
                  "Images optimised to maximise a channel (one per channel, whole layers at once) or a class, and Deep "
                  "Dream. A channel's image out-activates when its activation exceeds that of the best dataset image "
                  "(the unit's top exemplar), compared at the spatial mean of the channel and at its peak position; "
                  "fractions are over the layer's channels with Wilson's 95% interval. The margin is the image's "
-                 "activation minus the best dataset image's (a ratio means nothing where that is ≤ 0).")
+                 "activation minus the best dataset image's (a ratio means nothing where that is ≤ 0). An image is "
+                 "saturated when more of its values lie within 2% of 0 or 1 than in 99% of the training images (and "
+                 "in at least half). Class images are judged by the other trained runs: an image only its own model "
+                 "calls a 3 is an adversarial pattern, not what the network thinks a 3 looks like.")
     have = _need(s, runs, "synthesis")
     if not have:
         return s
@@ -655,6 +691,8 @@ def synthesis(runs: list[RunData]) -> dict:
                 if e:
                     s["claims"].append(claim("synthesis", r.label, f"{layer}: fraction of channels whose image "
                                              f"out-activates the best dataset image {what}", "fraction", e))
+            sat = r.metrics["synthesis"].get("channel", {}).get(layer, {}).get("saturated")
+            out["saturated [95% CI]"] = fmt_estimate(sat) if is_estimate(sat) else "not measured"
             for where in ("mean", "peak"):
                 if f"median_margin_{where}" in row:
                     out[f"median margin ({where})"] = row[f"median_margin_{where}"]
@@ -693,14 +731,29 @@ def synthesis(runs: list[RunData]) -> dict:
         z = r.arrays("synthesis", "images")
         if z is None:
             continue
+        acc = df[df["kind"] == "accentuated"] if df is not None else pd.DataFrame()
+        if len(acc) and "accentuated" in z.files:
+            cells = []
+            for layer in acc["layer"].unique()[:3]:
+                g = acc[acc["layer"] == layer].head(8)
+                cells.append([{"text": f"{layer}: exemplar"}] + [
+                    {"uri": image_uri(z["accentuated_source"][int(i)]), "alt": f"top exemplar of channel {c}", "size": 48,
+                     "note": f"channel {c}"} for i, c in zip(g["image"], g["channel"])])
+                cells.append([{"text": f"{layer}: accentuated"}] + [
+                    {"uri": image_uri(z["accentuated"][int(i)]), "alt": f"accentuated exemplar of channel {c}", "size": 48,
+                     "note": f"Δ {num(float(a - d))}"} for i, c, a, d in zip(g["image"], g["channel"], g["activation"],
+                                                                         g["dataset_activation"])])
+            channel_blocks.append({"kind": "images", "caption": f"{r.label}: feature accentuation (Hamblin et al. 2024): "
+                                   "each channel's top exemplar, optimised for the channel while kept close to the "
+                                   "exemplar; below each, the gain in the channel's mean activation",
+                                   "columns": [], "rows": cells})
         for layer in ch["layer"].unique() if len(ch) else []:
             g = ch[ch["layer"] == layer].head(32)
             cells = [{"uri": image_uri(z["channel"][int(i)]), "alt": f"channel {c}", "size": 56, "note": f"channel {c}"}
                      for i, c in zip(g["image"], g["channel"])]
-            rows = _rows_of(cells)
             channel_blocks.append({"kind": "images", "caption": f"{r.label}: {layer}, a synthetic image per channel"
                                    + (" (the first 32; every channel is on the layer's atlas page)" if len(ch[ch["layer"] == layer]) > 32 else ""),
-                                   "columns": [], "rows": rows})
+                                   "columns": [], "rows": _rows_of(cells)})
         if "class" in z.files and len(z["class"]):
             names = r.card.get("data", {}).get("classes") or []
             cells, heads = [], []
@@ -728,10 +781,23 @@ def synthesis(runs: list[RunData]) -> dict:
     if classes:
         s["blocks"].append(_table("Class images: softmax probability of the class each image was optimised for",
                                   pd.DataFrame(classes)))
+    table, pooled, per_maker = transfer(runs)
+    if len(table):
+        s["blocks"].append(_table("Class images judged by the other runs: how many each run predicts as the class the "
+                                  "image was made for, and its mean probability of that class", table))
+    if pooled:
+        s["blocks"].append({"kind": "text", "text": f"Over every pair of distinct trained runs, {_kn_text(pooled)} class "
+                            f"images are recognised by the other run: {fmt_estimate(pooled)}."})
+        s["claims"].append(claim("synthesis", "all", "class images recognised by the other trained runs", "fraction", pooled))
     s["blocks"].extend(class_blocks + channel_blocks)
     if items:
         s["blocks"].append(_gallery("Deep Dream", items))
     return s
+
+
+def _kn_text(e: dict) -> str:
+    kn = counts(e)
+    return f"{kn[0]} of {kn[1]}" if kn else "?"
 
 
 def survival_parts(r: RunData) -> list[tuple[int, str, str, dict]]:

@@ -14,10 +14,10 @@ class ParamConfig:
     """How an image is represented while it is optimised."""
 
     # fourier (spectrum scaled by 1/frequency, as Lucid) | maco (phase only, the magnitude of the run's own
-    # training images, Fel et al. 2023) | pca (coefficients on the principal components of the run's own training
-    # images: the image stays in their span) | pixel
+    # training images, Fel et al. 2023; its phases want larger steps: lr 0.3) | pca (coefficients on the principal
+    # components of the run's own training images: the image stays in their span) | pixel
     kind: str = "fourier"
-    variance: float = 0.99  # pca: the fewest components that explain this share of the training images' variance
+    variance: float = 0.999  # pca: the fewest components that explain this share of the training images' variance
     decorrelate: bool = True  # colour decorrelation from the run's own training pixels (identity for greyscale)
     decay_power: float = 1.0  # fourier: spectrum scaled by 1 / frequency ** decay_power
     init_sd: float = 0.01  # standard deviation of the random initial parameters
@@ -85,7 +85,7 @@ class ClassImages:
     # class images in the span of the training images, with their Gaussian prior: the parametrisation other
     # models recognise best (README, "Feature visualisations that transfer")
     param: ParamConfig = field(default_factory=lambda: ParamConfig(kind="pca"))
-    reg: Regularisers = field(default_factory=lambda: Regularisers(prior=1.0))
+    reg: Regularisers = field(default_factory=lambda: Regularisers(prior=0.3))
 
     def __post_init__(self) -> None:
         check_choice("synthesis.class_images.objective", self.objective, ("logit", "log_prob"))
