@@ -34,3 +34,14 @@ def test_similarity_benchmark_runs_in_quick_mode():
     for c in r["cases"].values():
         assert c["ratio"] == pytest.approx(c["compare_s"] / c["plain_s"])
         assert c["gram_precision"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fourier", "maco"])
+def test_synthesis_benchmark_runs_for_both_parametrisations(kind):
+    import bench_synthesis
+
+    r = bench_synthesis.run(quick=True, channels=3, lucent_channels=1, steps=2, size=32, kind=kind)
+    assert r["param"] == kind and r["batched"]["channels"] == 3
+    one = r["one_at_a_time"]
+    assert one["batched_speedup_wall"] == pytest.approx(one["wall_s_per_channel"] / r["batched"]["wall_s_per_channel"])
