@@ -26,6 +26,7 @@ TINY_TRAIN = ["model=tiny_cnn", "data.image_size=16", "train.epochs=1", "progres
 CHEAP = {
     "activations": ["data.limit=120"],
     "saliency": ["data.probe_per_class=1", "saliency.ig_steps=4", "saliency.smoothgrad_samples=2", "saliency.auc_steps=4"],
+    "concepts": ["data.limit=120", "concepts.k=4", "concepts.n_designs=8", "concepts.max_samples=3000"],
     "synthesize": ["synthesis.steps=4", "synthesis.class_images.steps=4", "synthesis.dream.steps=2",
                    "synthesis.dream.zoom_frames=2", "synthesis.dream.zoom_steps=2"],
     "geometry": ["data.probe_per_class=1", "geometry.erf.noise_images=2"],

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_TRAIN
+from conftest import CHEAP, TINY_TRAIN
 from probe.pipeline.cli import main
 from probe.pipeline.rundir import load_run, save_weights
 
@@ -27,7 +27,9 @@ def runs(tmp_path_factory):
     a, b, perm = root / "a", root / "b", root / "a_perm"
     assert main(["train", *TINY_TRAIN, "seed=0", "train.snapshot_epochs=[0,1]", f"run_dir={a}"]) == 0
     assert main(["train", *TINY_TRAIN, "seed=1", f"run_dir={b}"]) == 0
-    shutil.copytree(a, perm, ignore=shutil.ignore_patterns("snapshots"))
+    assert main(["synthesize", f"run={a}", *CHEAP["synthesize"], "synthesis.dream.enabled=false", "synthesis.channels=1",
+                 "data.limit=40"]) == 0  # class images of a, judged by the others below
+    shutil.copytree(a, perm, ignore=shutil.ignore_patterns("snapshots"))  # its synthesis/ is stale there
     model = load_run(a).model
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["conv1.weight"], state["conv1.bias"] = state["conv1.weight"][PERM], state["conv1.bias"][PERM]
@@ -55,6 +57,21 @@ def test_a_permuted_copy_has_cka_1_with_its_original_at_every_layer(runs):
     assert float(other.cka.iloc[0]) < 0.999  # another seed is another representation
 
 
+
+
+def test_class_images_judged_by_a_permuted_copy_get_the_makers_own_predictions(runs):
+    """a_perm computes a's function, so its verdict on a's class images is a's own softmax (from a's synthesis
+    metrics); b judges them too; a_perm's copied synthesis/ is stale (other weights) and b has none: not judged."""
+    root, folder = runs
+    t = pd.read_parquet(folder / "transfer.parquet")
+    assert set(t.maker) == {"a"} and set(t.judge) == {"b", "a_perm"}
+    own = pd.read_parquet(root / "a" / "synthesis" / "metrics.parquet")
+    own = own[own.kind == "class"].set_index("image")
+    mine = t[t.judge == "a_perm"].set_index("image")
+    assert len(mine) == len(own)
+    np.testing.assert_allclose(mine.probability, own.probability.loc[mine.index], atol=1e-5)
+    assert (mine.predicted == own.predicted.loc[mine.index]).all()
+    assert (mine.recognised == (own.predicted == own["class"]).loc[mine.index]).all()
 
 
 def test_unit_matching_pairs_every_run_of_one_architecture(runs):

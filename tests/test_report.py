@@ -499,34 +499,36 @@ def test_findings_are_written_from_the_metrics_and_follow_them(tmp_path):
 
 
 def test_class_image_transfer_is_counted_over_pairs_of_distinct_trained_runs(tmp_path):
-    """The transfer table and the pooled share, recounted here from the rows: an untrained run's images and its
-    verdicts on others' images are shown but never pooled."""
+    """The transfer table and the pooled share, recounted here from the comparison's rows: an untrained run's images
+    and its verdicts on others' images are shown but never pooled."""
     from probe.pipeline.report import findings as F
 
     rng = np.random.default_rng(1)
     runs = {"a": 20, "b": 20, "u": 0}
-    verdicts = {}
+    verdicts, rows = {}, []
     for maker, epochs in runs.items():
-        d = _run_dir(tmp_path, maker, epochs=epochs, stage_metrics={"synthesis": {}})
-        rows = []
+        _run_dir(tmp_path, maker, epochs=epochs)
         for judge in runs:
-            if judge == maker:
-                continue
-            rec = rng.random(10) < 0.7
-            verdicts[maker, judge] = rec
-            rows += [{"kind": "class_transfer", "layer": "logits", "judge": judge, "class": i, "image": i,
-                      "probability": 0.9 if r else 0.1, "predicted": i if r else (i + 1) % 10, "recognised": bool(r)}
-                     for i, r in enumerate(rec)]
-        pd.DataFrame(rows).to_parquet(d / "synthesis" / "metrics.parquet", index=False)
+            if judge != maker:
+                rec = rng.random(10) < 0.7
+                verdicts[maker, judge] = rec
+                rows += [{"maker": maker, "judge": judge, "image": i, "class": i, "probability": 0.9 if r else 0.1,
+                          "predicted": i if r else (i + 1) % 10, "recognised": bool(r)} for i, r in enumerate(rec)]
+    comp = tmp_path / "comparisons"
+    comp.mkdir()
+    pd.DataFrame(rows).to_parquet(comp / "transfer.parquet", index=False)
     loaded = load_runs([tmp_path / n for n in runs])
-    table, pooled, per_maker = sections.transfer(loaded)
+    result = sections.transfer(loaded, str(comp))
+    table, pooled, per_maker = result
     k = int(verdicts["a", "b"].sum() + verdicts["b", "a"].sum())
     assert pooled == proportion_interval(k, 20).to_dict()
     assert set(per_maker) == {"a", "b"} and per_maker["a"] == proportion_interval(int(verdicts["a", "b"].sum()), 10).to_dict()
     row = table.set_index("class images of").loc["u"]
     assert row["judged by a"] == f"{int(verdicts['u', 'a'].sum())} of 10 (p {0.1 + 0.8 * verdicts['u', 'a'].mean():.2f})"
-    text = next(f["text"] for f in F.findings(loaded, [], None) if "class images" in f["text"] and "recognise" in f["text"])
+    text = next(f["text"] for f in F.findings(loaded, [], None, result) if "recognise" in f["text"])
     assert text.startswith(f"The other trained runs recognise {k} of 20 of the trained runs' class images")
+    empty, none, nobody = sections.transfer(loaded, None)  # no comparison: nothing to state
+    assert empty.empty and none is None and nobody == {}
 
 
 def test_synthesis_tables_keep_their_rows_beside_the_image_grids(complete_runs):

@@ -52,7 +52,7 @@ _RECORDS = (
           "probe.pipeline.activations.config:ActivationsMergeStage", "activations_merge", outputs=("activations",),
           layer_keys=("activations.layers", "activations.feature_map_layers")),
     Stage("synthesize", "probe.pipeline.synthesis.stage:run", "probe.pipeline.synthesis.config:SynthesizeStage",
-          "synthesize", outputs=("synthesis",), layer_keys=("synthesis.layers", "synthesis.dream.layer"),
+          "synthesize", outputs=("synthesis",), layer_keys=("synthesis.layers", "synthesis.dream.layer", "synthesis.diversity.layer"),
           sections=("synthesis",)),
     Stage("geometry", "probe.pipeline.geometry.stage:run", "probe.pipeline.geometry.config:GeometryStage",
           "geometry", outputs=("geometry",), layer_keys=("geometry.layers",), sections=("geometry",)),

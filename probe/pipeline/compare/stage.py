@@ -12,6 +12,9 @@ Files:
   ``one_to_one`` is the permutation that aligns run_b's units to run_a's.
 - ``dynamics.parquet``: for runs trained with ``train.snapshot_epochs``, CKA of each layer at each snapshot with
   the same layer of the final weights (Raghu et al. 2017's bottom-up convergence): ``run, epoch, layer, cka, se``.
+- ``transfer.parquet``: every run's class images (from its synthesize stage) as every other run of the same input
+  shape classifies them (:func:`class_image_transfer`): ``maker, judge, image, class, probability, predicted,
+  recognised``.
 - ``cka.png``: the heatmaps; ``metrics.json``: images used, and for every pair of runs the CKA of their first
   and last conv layers and the share of units matched above 0.5 and 0.8 (with the weights each run had).
 
@@ -81,15 +84,63 @@ def _compare(cfg: CompareStage, paths: list[Path], device: torch.device) -> Path
     dynamics = pd.concat([snapshot_cka(r, label, loader, batch, device)
                           for r, label, loader in zip(runs, labels, loaders) if cfg.compare.snapshots] or [_no_dynamics()],
                          ignore_index=True)
+    transfer = class_image_transfer(runs, labels, device)
     final = Path(cfg.out_dir) / cfg.name
     with staged_dir(final) as tmp:
         cka.to_parquet(tmp / "cka.parquet", index=False)
+        transfer.to_parquet(tmp / "transfer.parquet", index=False)
         units.to_parquet(tmp / "units.parquet", index=False)
         dynamics.to_parquet(tmp / "dynamics.parquet", index=False)
         save_heatmaps(cka, labels, tmp / "cka.png")
         write_json(tmp / "metrics.json", metrics(cka, sim, runs, labels))
     log.info("compare: %d runs, %d layer pairs, %d images -> %s", len(runs), len(cka), sim.images, final)
     return final
+
+
+TRANSFER_COLUMNS = ["maker", "judge", "image", "class", "probability", "predicted", "recognised"]
+
+
+def class_image_transfer(runs: list[Run], labels: list[str], device: torch.device) -> pd.DataFrame:
+    """The transfer matrix of class images: every run's class images (``synthesis/images.npz``, where its synthesize
+    stage ran on its current weights) classified by every other run that takes images of the same shape
+    (:func:`probe.synthesis.judge.transfer`), one row per (maker, judge, image): the judge's probability of the
+    class the image was made for, its prediction, and whether it recognises the image. An image that only its
+    own model calls a 3 is an adversarial pattern, not what the network thinks a 3 looks like."""
+    from probe.pipeline.rundir import stale
+    from probe.synthesis.judge import transfer
+
+    judges = {}
+    for r, label in zip(runs, labels):
+        d = run_data(r.card)
+        judges[label] = (r.model.to(device).eval(), d.mean, d.std, (d.channels, d.image_size))
+    rows = []
+    for r, label in zip(runs, labels):
+        images, table = r.path / "synthesis" / "images.npz", r.path / "synthesis" / "metrics.parquet"
+        if not (images.is_file() and table.is_file()):
+            continue
+        reason = stale(r.path, "synthesis")
+        if reason:
+            log.warning("compare: %s; its class images are not judged", reason)
+            continue
+        df = pd.read_parquet(table, columns=["kind", "class", "image"])
+        made = df[df["kind"] == "class"].sort_values("image")
+        with np.load(images) as z:
+            pixels = torch.tensor(z["class"]) if "class" in z.files else None
+        if pixels is None or not len(made):
+            continue
+        pixels = pixels[made["image"].to_numpy()]
+        shape = (pixels.shape[1], pixels.shape[-1])
+        for other, (model, mean, std, takes) in judges.items():
+            if other == label or takes != shape:
+                continue
+            t = transfer({other: (model, mean, std)}, pixels, [int(c) for c in made["class"]])
+            t["image"] = made["image"].to_numpy()
+            rows.append(t.assign(maker=label))
+    if not rows:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(TRANSFER_COLUMNS, ["string", "string", "int64", "int64",
+                                                                                    "float64", "int64", "bool"])})
+    out = pd.concat(rows, ignore_index=True)[TRANSFER_COLUMNS]
+    return out.astype({"maker": "string", "judge": "string"})
 
 
 def check_same_images(runs: list[Run], labels: list[str]) -> None:

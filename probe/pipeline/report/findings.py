@@ -11,8 +11,7 @@ from __future__ import annotations
 from probe.pipeline.report import training
 from probe.pipeline.report.claims import counts, fmt_comparison, fmt_estimate, is_estimate
 from probe.pipeline.report.collect import RunData
-from probe.pipeline.report.sections import (baseline_pairs, out_activation, saliency_methods, survival_parts, transfer,
-                                            untrained)
+from probe.pipeline.report.sections import baseline_pairs, out_activation, saliency_methods, survival_parts, untrained
 
 
 def _finding(text: str, source: str) -> dict:
@@ -38,10 +37,11 @@ def beating_random(r: RunData) -> tuple[int, int, int] | None:
     return d, i, len(methods)
 
 
-def headline_rows(runs: list[RunData]) -> list[dict]:
-    """One row per run: the numbers the README's findings table states, from each stage's metrics.json."""
+def headline_rows(runs: list[RunData], transferred: tuple | None = None) -> list[dict]:
+    """One row per run: the numbers the README's findings table states, from each stage's metrics.json (and the
+    comparison's transfer matrix, ``transferred``: :func:`probe.pipeline.report.sections.transfer`'s result)."""
     rows = []
-    recognised = transfer(runs)[2]
+    recognised = transferred[2] if transferred else {}
     for r in runs:
         acc = training.accuracy(r)
         row = {"run": r.label, "model": r.model, "epochs": training_epochs(r),
@@ -69,7 +69,8 @@ def training_epochs(r: RunData):
     return r.card.get("train", {}).get("epochs", r.card.get("metrics", {}).get("epochs"))
 
 
-def findings(runs: list[RunData], parts: list[dict], comparison_metrics: dict | None) -> list[dict]:
+def findings(runs: list[RunData], parts: list[dict], comparison_metrics: dict | None,
+             transferred: tuple | None = None) -> list[dict]:
     """Sentences, in the order a reader asks: how good is each net, how do they differ, what each analysis found."""
     out = []
     accs = [(r, training.accuracy(r)) for r in runs]
@@ -139,12 +140,12 @@ def findings(runs: list[RunData], parts: list[dict], comparison_metrics: dict | 
                                 + (f"at the unit's peak, {_kn(peak)} channel images out-activate the best dataset image "
                                    f"({fmt_estimate(peak)})." if is_estimate(peak) else ""),
                                 "synthesis/metrics.json"))
-    _, pooled, per_maker = transfer(runs)
+    _, pooled, per_maker = transferred or (None, None, {})
     if pooled:
         out.append(_finding(f"The other trained runs recognise {_kn(pooled)} of the trained runs' class images "
                             f"({fmt_estimate(pooled)}; by the run that made them: "
                             + ", ".join(f"{m} {_kn(e)}" for m, e in per_maker.items()) + ").",
-                            "synthesis/metrics.parquet"))
+                            "comparisons transfer.parquet"))
     return out
 
 

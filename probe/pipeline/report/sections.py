@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -630,40 +631,39 @@ def out_activation(r: RunData) -> list[dict]:
     return out
 
 
-def transfer(runs: list[RunData]) -> tuple[pd.DataFrame, dict | None, dict[str, dict]]:
-    """Class images judged by other runs (synthesis/metrics.parquet, kind ``class_transfer``): a table with a row per
-    run that made the images and a column per judge (recognised k of n, mean probability of the class); the share
-    recognised over every pair of distinct trained runs (untrained runs neither make nor judge it), with Wilson's
-    interval; and each trained maker's own share, as Estimates."""
+def transfer(runs: list[RunData], folder: str | None) -> tuple[pd.DataFrame, dict | None, dict[str, dict]]:
+    """Class images judged by other runs (``probe compare``'s ``transfer.parquet`` in ``folder``): a table with a row
+    per run that made the images and a column per judge (recognised k of n, mean probability of the class); the
+    share recognised over every pair of distinct trained runs (untrained runs neither make nor judge it), with
+    Wilson's interval; and each trained maker's own share, as Estimates."""
+    path = Path(folder) / "transfer.parquet" if folder else None
+    if path is None or not path.is_file():
+        return pd.DataFrame(), None, {}
+    labels = [r.label for r in runs]
     trained = {r.label for r in runs if not untrained(r)}
-    rows, hits, per_maker = [], [], {}
-    for r in runs:
-        df = r.table("synthesis", "metrics")
-        if df is None or "kind" not in df or not (df["kind"] == "class_transfer").any():
-            continue
-        t = df[df["kind"] == "class_transfer"]
-        row = {"class images of": r.label}
-        for judge, g in t.groupby("judge", sort=True):
-            rec = g["recognised"].astype(bool)
-            row[f"judged by {judge}"] = f"{int(rec.sum())} of {len(g)} (p {float(g['probability'].mean()):.2f})"
+    t = pd.read_parquet(path)
+    t = t[t["maker"].isin(labels) & t["judge"].isin(labels)]
+    rows, per_maker = [], {}
+    for maker in [x for x in labels if x in set(t["maker"])]:
+        mine = t[t["maker"] == maker]
+        row = {"class images of": maker}
+        for judge in [x for x in labels if x in set(mine["judge"])]:
+            g = mine[mine["judge"] == judge]
+            row[f"judged by {judge}"] = f"{int(g['recognised'].sum())} of {len(g)} (p {float(g['probability'].mean()):.2f})"
         rows.append(row)
-        if r.label in trained:
-            mine = t[t["judge"].astype(str).isin(trained - {r.label}) | ~t["judge"].astype(str).isin({x.label for x in runs})]
-            rec = mine["recognised"].astype(bool)
+        if maker in trained:
+            rec = mine[mine["judge"].isin(trained)]["recognised"].astype(bool)
             if len(rec):
-                per_maker[r.label] = proportion_interval(int(rec.sum()), len(rec)).to_dict()
-                hits.append(rec.to_numpy())
-    pooled = None
-    if hits:
-        h = np.concatenate(hits)
-        pooled = proportion_interval(int(h.sum()), len(h)).to_dict()
-    order = [f"judged by {r.label}" for r in runs]  # judges in the runs' order, others after
+                per_maker[maker] = proportion_interval(int(rec.sum()), len(rec)).to_dict()
+    pooled_rows = t[t["maker"].isin(trained) & t["judge"].isin(trained)]["recognised"].astype(bool)
+    pooled = proportion_interval(int(pooled_rows.sum()), len(pooled_rows)).to_dict() if len(pooled_rows) else None
     table = pd.DataFrame(rows)
-    cols = ["class images of"] + [c for c in order if c in table] + sorted(c for c in table if c not in order and c != "class images of")
+    cols = ["class images of"] + [f"judged by {x}" for x in labels if f"judged by {x}" in table]
     return (table[cols] if len(table) else table), pooled, per_maker
 
 
-def synthesis(runs: list[RunData]) -> dict:
+def synthesis(runs: list[RunData], transferred: tuple | None = None) -> dict:
+    """The synthesis page; ``transferred``: :func:`transfer`'s result (from the comparison folder), or None."""
     s = _section("synthesis", "Maximum-response synthesis",
                  "Images optimised to maximise a channel (one per channel, whole layers at once) or a class, and Deep "
                  "Dream. A channel's image out-activates when its activation exceeds that of the best dataset image "
@@ -781,13 +781,13 @@ def synthesis(runs: list[RunData]) -> dict:
     if classes:
         s["blocks"].append(_table("Class images: softmax probability of the class each image was optimised for",
                                   pd.DataFrame(classes)))
-    table, pooled, per_maker = transfer(runs)
+    table, pooled, per_maker = transferred or (pd.DataFrame(), None, {})
     if len(table):
         s["blocks"].append(_table("Class images judged by the other runs: how many each run predicts as the class the "
                                   "image was made for, and its mean probability of that class", table))
     if pooled:
         s["blocks"].append({"kind": "text", "text": f"Over every pair of distinct trained runs, {_kn_text(pooled)} class "
-                            f"images are recognised by the other run: {fmt_estimate(pooled)}."})
+                            f"images are recognised by the other run: {fmt_estimate(pooled)} (from the comparison's transfer.parquet)."})
         s["claims"].append(claim("synthesis", "all", "class images recognised by the other trained runs", "fraction", pooled))
     s["blocks"].extend(class_blocks + channel_blocks)
     if items:

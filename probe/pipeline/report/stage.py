@@ -184,11 +184,12 @@ def render(cfg: ReportStage) -> tuple[dict[str, bytes], dict]:
     data = {r.label: L.LayerData(r) for r in runs}
     names = Names(runs, data)
     comp = comparison(runs, cfg.comparison, untrained_of(runs))
+    transferred = sections.transfer(runs, cfg.comparison)
     analyses_parts = [
         (ANALYSES[0], [sections.filters(runs), sections.feature_maps(runs, cfg.images),
                        sections.distributions(runs, colours, cfg.units)]),
         (ANALYSES[1], [sections.saliency(runs, colours, cfg.images)]),
-        (ANALYSES[2], [sections.synthesis(runs)]),
+        (ANALYSES[2], [sections.synthesis(runs, transferred)]),
         (ANALYSES[3], [sections.geometry(runs, colours)]),
         (ANALYSES[4], [sections.baseline(runs)]),
         (ANALYSES[5], [sections.sweeps(runs, colours)]),
@@ -198,8 +199,8 @@ def render(cfg: ReportStage) -> tuple[dict[str, bytes], dict]:
     metrics = None
     if cfg.comparison and (Path(cfg.comparison) / "metrics.json").is_file():
         metrics = json.loads((Path(cfg.comparison) / "metrics.json").read_text())
-    found = F.findings(runs, parts, metrics)
-    rows = F.headline_rows(runs)
+    found = F.findings(runs, parts, metrics, transferred)
+    rows = F.headline_rows(runs, transferred)
     pages = [index_page(runs, names, colours, found, rows, comp, analyses_parts)]
     pages += [page(href, title, ps, reading=True) for (href, title), ps in analyses_parts if ps]
     matches = unit_matches(runs, cfg.comparison)

@@ -169,8 +169,6 @@ class SynthesisConfig:
     dream: DreamConfig = field(default_factory=DreamConfig)
     accentuate: Accentuate = field(default_factory=Accentuate)
     diversity: Diversity = field(default_factory=Diversity)
-    # run dirs whose models judge the class images (the transfer matrix); runs with another input shape are skipped
-    transfer: list[str] = field(default_factory=list)
     color_samples: int = 2000  # training images used for the colour covariance, MACO's magnitude and saturation
 
     def __post_init__(self) -> None:

@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from probe.pipeline.analysis import Context, open_run, run_data
+from probe.pipeline.analysis import Context, open_run
 from probe.hooks import check_layers, middle_conv, spaced_convs
-from probe.pipeline.rundir import load_run, stale, staged_dir, stamped
+from probe.pipeline.rundir import stale, staged_dir, stamped
 from probe.files import write_json, write_npz
 from probe.synthesis import objectives as O
 from probe.pipeline.synthesis.config import ParamConfig, Regularisers, SynthesisConfig, SynthesizeStage, select_indices
@@ -246,26 +246,6 @@ def _layer(ctx: Context, layer: str, pixels: torch.Tensor) -> torch.Tensor:
         return forward_capture(ctx.run.model, Normalize(ctx.data.mean, ctx.data.std)(pixels.to(ctx.device)), [layer])[layer].cpu()
 
 
-def transfer_rows(ctx: Context, s: SynthesisConfig, pixels: np.ndarray, classes: list[int]) -> list[dict]:
-    """The transfer matrix of the class images: every run of ``s.transfer`` (other than this one) whose model takes
-    the same input shape judges them (:func:`probe.synthesis.judge.transfer`); rows of kind ``class_transfer``."""
-    judges = {}
-    for path in s.transfer:
-        if Path(path).resolve() == ctx.run.path.resolve():
-            continue
-        other = load_run(path)
-        inp = run_data(other.card)
-        if (inp.channels, inp.image_size) != (ctx.data.channels, pixels.shape[-1]):
-            log.warning("synthesis.transfer: %s takes %d x %d px images, these are %d x %d; skipped", path,
-                        inp.channels, inp.image_size, ctx.data.channels, pixels.shape[-1])
-            continue
-        judges[Path(path).name] = (other.model.to(ctx.device), inp.mean, inp.std)
-    if not judges:
-        return []
-    df = J.transfer(judges, torch.as_tensor(pixels), classes)
-    return [{"kind": "class_transfer", "layer": O.LOGITS, **r, "failed_step": -1} for r in df.to_dict("records")]
-
-
 def render_dreams(ctx: Context, s: SynthesisConfig, layer: str, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Deep Dream of the chosen probe images, and zoom-and-repeat frames from the first one."""
     d = s.dream
@@ -345,14 +325,14 @@ def _attach_dataset_best(ctx: Context, cfg: SynthesizeStage, rows: list[dict], l
             r["dataset_source"] = f"computed:{cfg.data.split}"
 
 
-COLUMNS = ["kind", "layer", "channel", "facet", "class", "image", "judge", "objective_name", "objective", "activation",
+COLUMNS = ["kind", "layer", "channel", "facet", "class", "image", "objective_name", "objective", "activation",
            "dataset_activation", "margin", "ratio", "out_activates", "activation_peak", "dataset_peak", "margin_peak",
-           "ratio_peak", "out_activates_peak", "probability", "predicted", "recognised", "saturation", "saturated",
+           "ratio_peak", "out_activates_peak", "probability", "predicted", "saturation", "saturated",
            "source_saturation", "source_index", "distance", "dataset_source", "failed_step"]
 
 
 def metrics_table(rows: list[dict]) -> pd.DataFrame:
-    """One row per image (and per judge for ``class_transfer``). Against the best dataset image: ``margin = activation - dataset_activation``
+    """One row per image. Against the best dataset image: ``margin = activation - dataset_activation``
     (spatial means), ``margin_peak = activation_peak - dataset_peak`` (maxima over positions),
     ``out_activates(_peak)``: margin > 0. ``ratio(_peak)``: activation / dataset value only where that
     value is > 0 (a ratio against a value <= 0 has no meaning: NaN there). A failed image (``failed_step``
@@ -363,9 +343,8 @@ def metrics_table(rows: list[dict]) -> pd.DataFrame:
     for col in ("objective", "activation", "dataset_activation", "activation_peak", "dataset_peak", "probability",
                 "saturation", "source_saturation", "distance"):
         df[col] = df[col].astype("float64")
-    for col in ("recognised", "saturated"):
-        df[col] = df[col].astype("boolean")
-    for col in ("dataset_source", "objective_name", "judge"):
+    df["saturated"] = df["saturated"].astype("boolean")
+    for col in ("dataset_source", "objective_name"):
         df[col] = df[col].astype("string")
     failed = df["failed_step"] >= 0
     df.loc[failed, ["objective", "activation", "activation_peak"]] = np.nan
@@ -415,8 +394,8 @@ def share(flags: pd.Series) -> dict:
 
 def summary_metrics(df: pd.DataFrame, saturation_limit: float) -> dict:
     """Small dict for ``dvc metrics``: per channel layer (and ``all``) :func:`compare_to_dataset` and the share of
-    saturated images; the class images' probability (mean, min), how many the model predicts as their class, and
-    how many other runs recognise (the transfer); accentuation's gain over its exemplars; Deep Dream's gain and
+    saturated images; the class images' probability (mean, min) and how many the model predicts as their class
+    (which other runs recognise them is ``probe compare``'s transfer matrix); accentuation's gain over its exemplars; Deep Dream's gain and
     saturation against its source images."""
     out: dict = {"saturation_limit": saturation_limit}
     ch = df[df["kind"] == "channel"]
@@ -433,10 +412,6 @@ def summary_metrics(df: pd.DataFrame, saturation_limit: float) -> dict:
                                     "predicted": {**proportion_interval(hit, len(cl)).to_dict(), "k": hit}}
         out["class_probability"] = {k: v for k, v in out["class_probability"].items() if v is not None}
         out["class_saturated"] = share(cl["saturated"])
-    tr = df[df["kind"] == "class_transfer"]
-    if len(tr):
-        out["transfer"] = {"all": share(tr["recognised"]),
-                           **{str(j): share(g["recognised"]) for j, g in tr.groupby("judge", sort=True)}}
     ac = df[df["kind"] == "accentuated"]
     if len(ac):
         out["accentuated"] = {layer: {"out_activates": share(g["out_activates"]), "distance": float(g["distance"].mean()),
@@ -476,7 +451,7 @@ def run(cfg: SynthesizeStage) -> Path:
     rows += ch_rows
     if s.class_images.enabled:
         cl_rows, cl_arrays = render_classes(ctx, s, size, prior, cfg.seed)
-        rows += cl_rows + transfer_rows(ctx, s, cl_arrays["class"], [r["class"] for r in cl_rows])
+        rows += cl_rows
         arrays.update(cl_arrays)
     if s.accentuate.enabled and ch_rows:
         ac_rows, ac_arrays = accentuate_exemplars(ctx, s, ch_rows, prior, cfg.seed)
