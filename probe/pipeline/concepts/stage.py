@@ -24,7 +24,7 @@ arXiv:2211.10154), on the run's analysed split (``data.split``, ``data.limit``),
   concept coefficients in the layer: masks ``M`` in ``[0, 1]^k`` from a scrambled Sobol' sequence
   (``n_designs`` per image), activations ``(U * M) W`` sent through the rest of the model
   (``head_from_layer``), Jansen's estimator per image (``sobol_importance``). One mask value per concept per
-  image, shared by all its positions. The explained score is the model's output for the image's **true**
+  image, shared by all its positions. The explained score is the logit (before a final softmax) of the image's **true**
   class; the images are bounded: the fixed probe images and the first ``importance_per_class`` images of each
   class in the split (in split order); a class's row is the mean over its images (NaN for a class with none).
 - **Heatmaps**: the coefficient maps of the fixed probe images, upsampled (bilinear, ``align_corners=False``)
@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from probe.activations.exemplars import crop_boxes, crop_images
+from probe.synthesis.render import scores_model
 from probe.activations.pictures import tile, upscale
 from probe.concepts import (ActivationSample, Concepts, activation_rows, fit_concepts, head_from_layer, k_curve,
                             relative_error, sobol_importance, split_halves_stability)
@@ -224,10 +225,11 @@ def importance_indices(labels: np.ndarray, probe_index: np.ndarray, per_class: i
 
 def class_importance(ctx: Context, layer: str, concepts: Concepts, index: np.ndarray, n_designs: int, seed: int,
                      batch_size: int, num_classes: int) -> np.ndarray:
-    """``(classes, k)`` CRAFT's total Sobol index of each concept for the true class's score, by masking the
-    concept coefficients of the images ``index`` in the layer (Sec. 3.2); the mean over each class's images,
-    NaN for a class without any."""
-    model = ctx.run.model
+    """``(classes, k)`` CRAFT's total Sobol index of each concept for the true class's logit (the score before a
+    final (log-)softmax, :func:`probe.synthesis.render.scores_model`: a log-probability near 0 barely varies and
+    makes the estimator's ratio unstable), by masking the concept coefficients of the images ``index`` in the
+    layer (Sec. 3.2); the mean over each class's images, NaN for a class without any."""
+    model = scores_model(ctx.run.model, ctx.probe_x[:1].to(ctx.device))
     x = torch.stack([ctx.dataset[int(i)][0] for i in index])
     acts = torch.cat([layer_maps(model, x[i:i + batch_size].to(ctx.device), layer)
                       for i in range(0, len(x), batch_size)])

@@ -196,12 +196,15 @@ def render_classes(ctx: Context, s: SynthesisConfig, size: int, prior: Prior, se
     return rows, {"class": res.pixels.numpy(), "class_transparency": res.transparency.numpy()}
 
 
-def accentuate_exemplars(ctx: Context, s: SynthesisConfig, ch_rows: list[dict], prior: Prior,
-                         seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Feature accentuation of every rendered channel's top dataset exemplar (the activations stage's rank-0 image
-    on the analysed split), in one batch per layer; rows of kind ``accentuated`` with the exemplar's own activation
-    as ``dataset_activation``."""
+def accentuate_exemplars(ctx: Context, s: SynthesisConfig, ch_rows: list[dict], prior: Prior, seed: int,
+                         split: str) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Feature accentuation of every rendered channel's top dataset exemplar (the activations stage's rank-0 image,
+    an index into the whole ``split``: the activations stage is taken to have analysed the split this stage reads,
+    as the default pipeline does, whatever either stage's ``data.limit``), in one batch per layer; rows of kind
+    ``accentuated`` with the exemplar's own activation as ``dataset_activation``. Channels whose exemplar lies
+    outside the split are left out, with a warning."""
     a = s.accentuate
+    images_of = ctx.data.split(split)
     table = ctx.run.path / EXEMPLARS
     if not table.is_file() or stale(ctx.run.path, "activations"):
         log.warning("synthesis: no current activations stage exemplars in %s; skipping feature accentuation", ctx.run.path)
@@ -211,10 +214,15 @@ def accentuate_exemplars(ctx: Context, s: SynthesisConfig, ch_rows: list[dict], 
     rows, images, seeds_out, count = [], [], [], 0
     for layer in dict.fromkeys(r["layer"] for r in ch_rows):
         units = [r["channel"] for r in ch_rows if r["layer"] == layer and r.get("facet", 0) == 0 and (layer, r["channel"]) in top]
+        outside = [c for c in units if top[(layer, c)] >= len(images_of)]
+        if outside:
+            log.warning("synthesis: the top exemplars of %s channels %s lie outside the %s split (%d images); not "
+                        "accentuated", layer, outside, split, len(images_of))
+        units = [c for c in units if c not in outside]
         if not units:
             continue
         idx = [top[(layer, c)] for c in units]
-        seeds = ctx.data.denormalize(torch.stack([ctx.dataset[i][0] for i in idx])).clamp(0, 1)
+        seeds = ctx.data.denormalize(torch.stack([images_of[i][0] for i in idx])).clamp(0, 1)
         if tuple(seeds.shape[2:]) != tuple(ctx.probe_x.shape[2:]) or seeds.shape[1] != ctx.data.channels:
             continue
         log.info("synthesis: accentuating the top exemplar of %d channels of %s, %d steps", len(units), layer, a.steps)
@@ -454,7 +462,7 @@ def run(cfg: SynthesizeStage) -> Path:
         rows += cl_rows
         arrays.update(cl_arrays)
     if s.accentuate.enabled and ch_rows:
-        ac_rows, ac_arrays = accentuate_exemplars(ctx, s, ch_rows, prior, cfg.seed)
+        ac_rows, ac_arrays = accentuate_exemplars(ctx, s, ch_rows, prior, cfg.seed, cfg.data.split)
         rows += ac_rows
         arrays.update(ac_arrays)
     if s.dream.enabled and dream_layer is not None:
