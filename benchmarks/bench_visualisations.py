@@ -32,11 +32,10 @@ import torch
 from probe.hooks import spaced_convs
 from probe.pipeline.analysis import run_data
 from probe.pipeline.rundir import load_run
-from probe.pipeline.synthesis.config import ParamConfig, Regularisers, SynthesisConfig
-from probe.pipeline.synthesis.stage import activations_best
+from probe.pipeline.synthesis.config import Regularisers, SynthesisConfig
+from probe.pipeline.synthesis.stage import activations_best, image_param, penalties, training_prior
 from probe.synthesis import judge as J
 from probe.synthesis import objectives as O
-from probe.synthesis.param import ImageParam, color_sqrt, maco_magnitude, pca_basis, training_images, value_map
 from probe.synthesis.render import render
 from probe.synthesis.transform import Transforms
 from probe.uncertainty import proportion_interval
@@ -59,20 +58,6 @@ def transforms(size: int, maco: bool) -> Transforms:
     return Transforms.from_fractions(size, t.pad, t.pad_mode, t.jitter, t.scale, t.rotate, **extra)
 
 
-def penalties(reg: Regularisers, basis):
-    terms = O.regularisers(reg.l1, reg.l2, reg.tv, reg.blur)
-    if reg.prior:
-        terms = reg.prior * O.gaussian_prior(basis) if terms is None else terms + reg.prior * O.gaussian_prior(basis)
-    return terms
-
-
-def param(kind: str, n: int, seeds, pieces: dict) -> ImageParam:
-    maco = kind == "maco"
-    return ImageParam(n, 1, pieces["size"], kind=kind, color=pieces["color"], seeds=seeds,
-                      magnitude=pieces["magnitude"] if maco else None, basis=pieces["basis"],
-                      gain=pieces["gain"] if maco else None, offset=pieces["offset"] if maco else None)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="lenet5,lenet5_seed1,vgg_small,resnet_small")
@@ -82,13 +67,12 @@ def main() -> None:
     runs = {n: load_run(ROOT / "artifacts" / n) for n in names}
     data = run_data(runs[names[0]].card)
     size = data.image_size
-    px = training_images(data.train, data.mean, data.std, (size, size), DEFAULT.color_samples)
-    color = color_sqrt(px)
-    mag = maco_magnitude(px, color)
-    gain, offset = value_map(px, torch.ones(1))
-    pieces = {"size": size, "color": color, "magnitude": mag, "gain": gain, "offset": offset,
-              "basis": pca_basis(px, variance=DEFAULT.class_images.param.variance)}
-    limit = J.saturation_limit(J.saturation(px))
+    # the stage's prior, with MACO's magnitude and value map and the principal components all fixed
+    prior = training_prior(data, replace(DEFAULT, param=replace(DEFAULT.param, kind="maco")), size)
+    limit = prior.saturation_limit
+
+    def param(kind: str, seeds: list[int]):
+        return image_param(replace(DEFAULT.class_images.param, kind=kind), len(seeds), data.channels, size, prior, seeds, "cpu")
     judges = {n: (r.model.eval(), data.mean, data.std) for n, r in runs.items()}
     classes = list(range(data.num_classes))
     c = DEFAULT.class_images
@@ -99,8 +83,8 @@ def main() -> None:
         images, own = {}, []
         for n, r in runs.items():
             obj = O.class_logit(classes)
-            pen = penalties(class_reg, pieces["basis"])
-            res = render(r.model, obj - pen if pen is not None else obj, param(kind, len(classes), classes, pieces),
+            pen = penalties(class_reg, prior)
+            res = render(r.model, obj - pen if pen is not None else obj, param(kind, classes),
                          steps=c.steps, lr=MACO_LR if maco else c.lr, mean=data.mean, std=data.std, transforms=tr, seed=0,
                          redirect_relu_steps=DEFAULT.redirect_relu_steps)
             images[n] = res.pixels
@@ -117,8 +101,8 @@ def main() -> None:
             for layer in spaced_convs(r.model):
                 chans = [ch for (lay, ch) in best if lay == layer]
                 obj = O.channel(layer, chans, DEFAULT.objective)
-                pen = penalties(channel_reg, pieces["basis"])
-                res = render(r.model, obj - pen if pen is not None else obj, param(kind, len(chans), chans, pieces),
+                pen = penalties(channel_reg, prior)
+                res = render(r.model, obj - pen if pen is not None else obj, param(kind, chans),
                              steps=DEFAULT.steps, lr=MACO_LR if maco else DEFAULT.lr, mean=data.mean, std=data.std, transforms=tr, seed=0,
                              redirect_relu_steps=DEFAULT.redirect_relu_steps)
                 act = res.acts[layer].flatten(2).mean(2)[torch.arange(len(chans)), chans]

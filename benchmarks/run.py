@@ -77,10 +77,10 @@ def pipeline(quick: bool) -> dict:
     import yaml
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from repo_copy import TINY_RUNS, copy_repo
+    from repo_copy import TINY_CONCEPTS, TINY_RUNS, copy_repo
 
     with tempfile.TemporaryDirectory(prefix="probe-bench-") as tmp:
-        dst = copy_repo(Path(tmp), **({"runs": TINY_RUNS} if quick else {}))
+        dst = copy_repo(Path(tmp), **({"runs": TINY_RUNS, "concepts": TINY_CONCEPTS} if quick else {}))
         params = yaml.safe_load((dst / "params.yaml").read_text())
         e2e, out = _sh(["dvc", "repro"], dst)
         stages = out.count("Running stage")

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("artifacts/", "reports/", "comparisons/", "pipelines/torchvision/artifacts", "pipelines/cifar10/artifacts")
 
 # params.yaml's runs for a pipeline that takes a minute: a trained and an untrained tiny net
-TINY_RUNS = {"tiny": {"model": "tiny_cnn", "epochs": 1, "seed": 0, "snapshots": "[]"},
-             "tiny_random": {"model": "tiny_cnn", "epochs": 0, "seed": 0, "snapshots": "[]"}}
+TINY_RUNS = {"tiny": {"model": "tiny_cnn", "epochs": 1, "seed": 0, "snapshots": "[]", "concepts": "conv2"},
+             "tiny_random": {"model": "tiny_cnn", "epochs": 0, "seed": 0, "snapshots": "[]", "concepts": "conv2"}}
+TINY_CONCEPTS = {"k": 4}  # tiny_cnn's conv2 has 8 channels
 
 
 def copy_repo(dst: Path, params_file: str = "params.yaml", **params) -> Path:

@@ -45,3 +45,19 @@ def test_synthesis_benchmark_runs_for_both_parametrisations(kind):
     assert r["param"] == kind and r["batched"]["channels"] == 3
     one = r["one_at_a_time"]
     assert one["batched_speedup_wall"] == pytest.approx(one["wall_s_per_channel"] / r["batched"]["wall_s_per_channel"])
+
+
+@pytest.mark.slow
+def test_concepts_benchmark_runs_in_quick_mode():
+    import bench_concepts
+
+    r = bench_concepts.run(quick=True)
+    assert r["quick"] and set(r["cases"]) == {"resnet_small", "resnet18_64px"}
+    for c in r["cases"].values():
+        assert c["layer"] == "layer3" and c["k"] == 4 and 0 < c["rows_kept"] <= min(c["rows_seen"], 2000)
+        assert 0 <= c["reconstruction_error"] < 1
+        # each ratio is the quotient of the figures it reports
+        assert c["extraction_s"] == pytest.approx(c["sample_s"] + c["fit_s"] + c["transform_s"])
+        assert c["ratio"] == pytest.approx(c["extraction_s"] / c["plain_s"])
+        imp = c["importance"]
+        assert imp["s_per_image"] == pytest.approx(imp["importance_s"] / imp["images"])

@@ -36,6 +36,9 @@ def runs(tmp_path_factory):
     state["conv2.weight"] = state["conv2.weight"][:, PERM]
     model.load_state_dict(state)
     save_weights(model, perm / "model.safetensors")
+    for run in (a, b, perm):  # conv1: the layer whose channels a_perm permutes
+        assert main(["concepts", f"run={run}", *CHEAP["concepts"], "concepts.layer=conv1", "concepts.k=3",
+                     "concepts.stability=false", "concepts.ks=[2]"]) == 0
     out = root / "comparisons"
     assert main(["compare", f"runs=[{a},{b},{perm}]", f"out_dir={out}", "data.batch_size=16", "data.limit=100"]) == 0
     return root, out / "default"
@@ -72,6 +75,31 @@ def test_class_images_judged_by_a_permuted_copy_get_the_makers_own_predictions(r
     np.testing.assert_allclose(mine.probability, own.probability.loc[mine.index], atol=1e-5)
     assert (mine.predicted == own.predicted.loc[mine.index]).all()
     assert (mine.recognised == (own.predicted == own["class"]).loc[mine.index]).all()
+
+
+def test_concepts_are_matched_by_their_coefficients_on_the_same_images(runs):
+    """a_perm's conv1 is a's with its channels permuted: its concepts are a's, present in the same images, so
+    every one is matched with correlation 1, though its directions are other vectors of channels. Every pair's
+    matching is the best of all one-to-one assignments of the correlations, recomputed here by brute force."""
+    from itertools import permutations
+
+    root, folder = runs
+    c = pd.read_parquet(folder / "concepts.parquet")
+    assert set(zip(c.run_a, c.run_b)) == {("a", "b"), ("a", "a_perm"), ("b", "a_perm")}
+    assert set(c.layer_a) == set(c.layer_b) == {"conv1"}
+    same = c[(c.run_a == "a") & (c.run_b == "a_perm")]
+    np.testing.assert_allclose(same["corr"], 1.0, atol=1e-4)
+    means = {r: np.load(root / r / "concepts" / "concepts.npz")["image_mean"].astype(np.float64) for r in ("a", "b", "a_perm")}
+    for (ra, rb), g in c.groupby(["run_a", "run_b"]):
+        corr = np.corrcoef(means[ra].T, means[rb].T)[:3, 3:]
+        best = max(permutations(range(3)), key=lambda p: sum(corr[i, j] for i, j in enumerate(p)))
+        g = g.sort_values("concept_a")
+        assert list(g.concept_b) == list(best), (ra, rb)
+        np.testing.assert_allclose(g["corr"], corr[np.arange(3), list(best)], atol=1e-6)
+    m = json.loads((folder / "metrics.json").read_text())["concepts_matched"]
+    assert m["threshold"] == 0.8 and (m["a~a_perm"]["k"], m["a~a_perm"]["n"]) == (3, 3)
+    k = int((c[(c.run_a == "a") & (c.run_b == "b")]["corr"] > 0.8).sum())
+    assert m["a~b"]["k"] == k and m["a~b"]["value"] == pytest.approx(k / 3)
 
 
 def test_unit_matching_pairs_every_run_of_one_architecture(runs):
@@ -160,6 +188,36 @@ def test_the_report_shows_the_comparison_and_flags_it_stale_after_retraining(run
     missing = json.loads((out / "default" / "report.json").read_text())["missing"]["comparison"]
     assert [m["run"] for m in missing] == ["b"] and "other weights" in missing[0]["why"]
     assert missing[0]["command"].startswith("probe compare 'runs=[")
+
+
+def test_the_concepts_page_states_each_match_with_its_interval(runs, tmp_path):
+    from probe.uncertainty import proportion_interval
+
+    root, folder = runs
+    out = tmp_path / "reports"
+    assert main(["report", f"runs=[{root / 'a'},{root / 'b'},{root / 'a_perm'}]", f"out_dir={out}",
+                 f"comparison={folder}"]) == 0
+    numbers = json.loads((out / "default" / "report.json").read_text())
+    assert not numbers["missing"].get("concepts")
+    shared = next(t for t in numbers["tables"]["concepts"] if t["caption"].startswith("Concepts shared between runs"))
+    c = pd.read_parquet(folder / "concepts.parquet")
+    for row in shared["rows"]:
+        a, b = row[0].split(" (")[0], row[1].split(" (")[0]
+        corr = c[(c.run_a == a) & (c.run_b == b)]["corr"]
+        k = int((corr > 0.8).sum())
+        e = proportion_interval(k, len(corr))
+        assert row[2].startswith(f"{k} of {len(corr)}: {e.value:.2f}") and f"{e.low:.2f}" in row[2], row
+    assert any(r[:2] == ["a (conv1)", "a_perm (conv1)"] and r[2].startswith("3 of 3") for r in shared["rows"])
+    claims = [x for x in numbers["claims"] if x["section"] == "concepts" and "partner in" in x["subject"]]
+    assert {(x["run"], x["stat"]["k"]) for x in claims} >= {("a", 3)}
+    html = (out / "default" / "concepts.html").read_text()
+    assert "a and a_perm: their best-matched concepts" in html
+    # each run's importance table is its concepts.npz, class by class
+    z = np.load(root / "a" / "concepts" / "concepts.npz")
+    imp = next(t for t in numbers["tables"]["concepts"] if t["caption"].startswith("a: importance"))
+    for j, row in enumerate(imp["rows"]):
+        got = [float(v.replace("\u2212", "-")) if v else np.nan for v in row[1:]]
+        np.testing.assert_allclose(got, z["importance"][:, j], rtol=0.05, atol=0.006)
 
 
 def test_the_minibatch_leaves_at_least_two_of_them_and_a_tiny_split_is_refused():

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from probe.concepts import (ActivationSample, activation_rows, fit_concepts, head_from_layer, k_curve,
-                            match_concepts, sobol_design, sobol_importance, split_halves_stability)
-from probe.errors import LayerNotFound
+                            match_by_coefficients, match_concepts, sobol_design, sobol_importance, split_halves_stability)
+from probe.errors import ConfigError, LayerNotFound
 
 
 def planted(n=2000, k=5, C=24, noise=0.01, seed=0):
@@ -33,7 +33,7 @@ def test_fit_concepts_recovers_planted_directions():
     np.testing.assert_allclose(np.linalg.norm(c.W, axis=1), 1.0, rtol=1e-5)
     assert (np.diff(c.U.sum(0)) <= 0).all()  # ordered by coefficient mass, descending
     m = match_concepts(W_true, c.W)
-    assert m.cosines.min() > 0.95, m.cosines
+    assert m.scores.min() > 0.95, m.scores
     # relative error, recomputed here
     err = np.linalg.norm(A - c.U.astype(np.float64) @ c.W) / np.linalg.norm(A)
     assert err < 0.05
@@ -75,7 +75,7 @@ def test_match_recovers_planted_permutation():
     m = match_concepts(W, W[perm])  # row j of W_b is row perm[j] of W_a
     assert (m.pairs[:, 0] == np.arange(6)).all()
     assert (perm[m.pairs[:, 1]] == m.pairs[:, 0]).all()
-    np.testing.assert_allclose(m.cosines, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(m.scores, 1.0, rtol=1e-12)
     assert match_concepts(W, W).share_above() == 1.0
     part = match_concepts(W[:4], W[perm])  # fewer concepts on one side: each of them matched
     assert len(part.pairs) == 4 and part.share_above(0.999) == 1.0
@@ -83,6 +83,27 @@ def test_match_recovers_planted_permutation():
     a = W / np.linalg.norm(W, axis=1, keepdims=True)
     b = W[perm] / np.linalg.norm(W[perm], axis=1, keepdims=True)
     np.testing.assert_allclose(m.similarity, a @ b.T)
+
+
+def test_match_by_coefficients_recovers_a_permuted_rescaled_noisy_bank():
+    # network b's concepts are network a's, permuted, each on its own positive scale, with noise: the
+    # correlation over images ignores the scale (a different network's channels and norms are its own)
+    rng = np.random.default_rng(4)
+    U = rng.gamma(2.0, size=(400, 6))
+    perm = rng.permutation(6)
+    Ub = U[:, perm] * rng.uniform(0.1, 10, 6) + 0.05 * rng.standard_normal((400, 6))
+    m = match_by_coefficients(U, Ub)
+    assert (perm[m.pairs[:, 1]] == m.pairs[:, 0]).all()
+    assert m.scores.min() > 0.99
+    # the similarity is numpy's Pearson correlation, recomputed here
+    np.testing.assert_allclose(m.similarity, np.corrcoef(U.T, Ub.T)[:6, 6:], atol=1e-12)
+    # unrelated banks: nothing matched above 0.8, although the Hungarian algorithm picks the best pairs
+    assert match_by_coefficients(U, rng.gamma(2.0, size=(400, 6))).share_above(0.8) == 0.0
+    # a constant concept correlates with nothing; different images are refused
+    flat = match_by_coefficients(np.c_[U[:, :2], np.ones(400)], U[:, :3])
+    assert (flat.similarity[2] == 0).all()
+    with pytest.raises(ConfigError, match="U_b: 300 images"):
+        match_by_coefficients(U, U[:300])
 
 
 # -- Sobol importance ---------------------------------------------------------------------------------

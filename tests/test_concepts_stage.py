@@ -88,6 +88,7 @@ def test_cli_end_to_end_writes_every_output(stage, brute):
     assert z["top_crops"].shape[:3] == (K, TOP, 1) and z["top_crops"].dtype == np.uint8
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["layer"] == "conv2" and metrics["k"] == K and metrics["channels"] == 8
+    assert (metrics["split"], metrics["limit"], metrics["images"]) == ("test", LIMIT, LIMIT)
     assert list(metrics["k_curve"]) == ["2", "4", "6"]  # 16 > 8 channels: clipped
     assert list(z["k_curve_ks"]) == [2, 4, 6]
     assert metrics["rows_seen"] == LIMIT * 8 * 8 and metrics["rows_kept"] == MAX_SAMPLES
@@ -106,6 +107,9 @@ def test_presence_per_class_is_the_class_mean_of_spatial_mean_coefficients(stage
     W = np.load(out / "concepts.npz")["W"]
     maps = coefficient_maps(W, brute["acts"])  # (N, k, h, w)
     spatial_mean = maps.astype(np.float64).mean((2, 3))
+    z = np.load(out / "concepts.npz")  # what probe compare matches runs by, image by image
+    np.testing.assert_allclose(z["image_mean"], spatial_mean, rtol=1e-3, atol=1e-5)
+    np.testing.assert_array_equal(z["labels"], brute["labels"])
     table = pd.read_parquet(out / "concepts.parquet")
     for r in table.itertuples():
         members = brute["labels"] == r[2]  # the "class" column

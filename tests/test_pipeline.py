@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from repo_copy import TINY_RUNS, copy_repo
+from repo_copy import TINY_CONCEPTS, TINY_RUNS, copy_repo
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A git repository holding the files of this one, with two tiny runs in params.yaml."""
-    return copy_repo(tmp_path_factory.mktemp("repo"), runs=TINY_RUNS)
+    return copy_repo(tmp_path_factory.mktemp("repo"), runs=TINY_RUNS, concepts=TINY_CONCEPTS)
 
 
 def test_dvc_repro_runs_every_stage_then_nothing(repo):
@@ -31,7 +31,7 @@ def test_dvc_repro_runs_every_stage_then_nothing(repo):
     for run in ("tiny", "tiny_random"):
         d = repo / "artifacts" / run
         assert json.loads((d / "card.json").read_text())["run_name"] == run
-        for stage in ("activations", "saliency", "synthesis", "geometry"):
+        for stage in ("activations", "saliency", "synthesis", "geometry", "concepts"):
             assert (d / stage / "metrics.json").is_file(), (run, stage)
     assert "tiny_random" in (repo / "reports" / "default" / "index.html").read_text()
     again = _sh(["dvc", "repro"], repo)

@@ -24,8 +24,8 @@ from probe.pipeline.init import installed_version
 from probe.pipeline.stages import STAGES
 
 REPO = Path(probe.__file__).resolve().parents[1]
-RUN_STAGES = ("train", "activations", "saliency", "synthesize", "geometry")  # per run, in the study's dvc.yaml
-ANALYSES = {s: STAGES[s].output for s in ("activations", "saliency", "synthesize", "geometry")}  # stage -> folder
+RUN_STAGES = ("train", "activations", "saliency", "synthesize", "geometry", "concepts")  # per run, in the study's dvc.yaml
+ANALYSES = {s: STAGES[s].output for s in RUN_STAGES[1:]}  # stage -> folder
 CLASSES = ["stripes", "disc", "square"]  # the model's own order (not the folders' sorted order)
 
 SHAPES_NET = '''
@@ -305,6 +305,7 @@ def _fill_in_study(study: Path) -> None:
     params["saliency"] = {"ig_steps": 4, "smoothgrad_samples": 2, "random_orders": 2}
     params["synthesis"] = {"steps": 8, "class_images": {"steps": 8}, "dream": {"enabled": False}}
     params["geometry"] = {"erf": {"noise_images": 2}}
+    params["concepts"] = {"k": 4, "overrides": "concepts.n_designs=8"}
     (study / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

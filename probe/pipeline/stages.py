@@ -59,7 +59,7 @@ _RECORDS = (
     Stage("saliency", "probe.pipeline.saliency.stage:run", "probe.pipeline.saliency.config:SaliencyStage",
           "saliency", outputs=("saliency",), layer_keys=("saliency.gradcam_layer",), sections=("saliency",)),
     Stage("concepts", "probe.pipeline.concepts.stage:run", "probe.pipeline.concepts.config:ConceptsStage",
-          "concepts", outputs=("concepts",), layer_keys=("concepts.layer",)),
+          "concepts", outputs=("concepts",), layer_keys=("concepts.layer",), sections=("concepts",)),
     Stage("compare", "probe.pipeline.compare.stage:run", "probe.pipeline.compare.config:CompareStage", "compare"),
     Stage("report", "probe.pipeline.report.stage:run", "probe.pipeline.report.config:ReportStage", "report"),
     Stage("weights", "probe.pipeline.weights:run", "probe.pipeline.weights:WeightsStage", "weights"),

@@ -213,11 +213,6 @@ class ImageParam(torch.nn.Module):
             self.register_buffer("basis_mean", basis.mean.to(device))
             self.register_buffer("basis_scaled", (basis.components * basis.sd[:, None]).to(device))
 
-    def spectrum(self) -> torch.Tensor:
-        """MACO: the full complex spectrum ``magnitude * exp(i * phase)`` ``(N, C, H, W)`` (Hermitian)."""
-        phase = antisymmetric(self.params)
-        return torch.polar(self.magnitude.expand_as(phase), phase)
-
     def linear(self) -> torch.Tensor:
         """The image before colour mixing and sigmoid: ``(N, C, H, W)``, roughly zero-centred (for ``pca``: the
         image itself, before clamping)."""

@@ -30,6 +30,10 @@ class CompareData:
 class CompareConfig:
     match: bool = True  # units matched across runs of one architecture (every conv and linear layer)
     snapshots: bool = True  # each layer at each snapshot (train.snapshot_epochs) against its final weights
+    concept_threshold: float = 0.8  # two runs' matched concepts are the same when their coefficients correlate above this
+
+    def __post_init__(self) -> None:
+        check_range("compare.concept_threshold", self.concept_threshold, -1.0, 1.0)
 
 
 @dataclass

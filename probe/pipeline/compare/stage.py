@@ -15,8 +15,12 @@ Files:
 - ``transfer.parquet``: every run's class images (from its synthesize stage) as every other run of the same input
   shape classifies them (:func:`class_image_transfer`): ``maker, judge, image, class, probability, predicted,
   recognised``.
+- ``concepts.parquet``: for every pair of runs whose concepts stage ran on the same images, their concepts matched
+  one to one by the correlation of their per-image coefficients (:func:`concept_matches`): ``run_a, layer_a,
+  run_b, layer_b, concept_a, concept_b, corr``.
 - ``cka.png``: the heatmaps; ``metrics.json``: images used, and for every pair of runs the CKA of their first
-  and last conv layers and the share of units matched above 0.5 and 0.8 (with the weights each run had).
+  and last conv layers, the share of units matched above 0.5 and 0.8, and the share of concepts matched above
+  ``compare.concept_threshold`` with Wilson's interval (with the weights each run had).
 
 Runs must have been trained on the same dataset with the same split (so that the split is the same images);
 each run sees them at its own size, channels and normalisation.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 from itertools import combinations
 from pathlib import Path
@@ -45,6 +50,7 @@ from probe.pipeline.compare.config import CompareStage
 from probe.pipeline.compare.figures import save_heatmaps
 from probe.pipeline.rundir import Run, find_run_dirs, load_run, run_labels, staged_dir, weights_digest, weights_lock
 from probe.runtime import pick_device, seed_everything
+from probe.uncertainty import proportion_interval
 from probe.similarity import compare
 
 log = logging.getLogger(__name__)
@@ -85,14 +91,17 @@ def _compare(cfg: CompareStage, paths: list[Path], device: torch.device) -> Path
                           for r, label, loader in zip(runs, labels, loaders) if cfg.compare.snapshots] or [_no_dynamics()],
                          ignore_index=True)
     transfer = class_image_transfer(runs, labels, device)
+    concepts = concept_matches(runs, labels)
     final = Path(cfg.out_dir) / cfg.name
     with staged_dir(final) as tmp:
         cka.to_parquet(tmp / "cka.parquet", index=False)
         transfer.to_parquet(tmp / "transfer.parquet", index=False)
+        concepts.to_parquet(tmp / "concepts.parquet", index=False)
         units.to_parquet(tmp / "units.parquet", index=False)
         dynamics.to_parquet(tmp / "dynamics.parquet", index=False)
         save_heatmaps(cka, labels, tmp / "cka.png")
-        write_json(tmp / "metrics.json", metrics(cka, sim, runs, labels))
+        write_json(tmp / "metrics.json", metrics(cka, sim, runs, labels)
+                   | {"concepts_matched": concept_shares(concepts, cfg.compare.concept_threshold)})
     log.info("compare: %d runs, %d layer pairs, %d images -> %s", len(runs), len(cka), sim.images, final)
     return final
 
@@ -128,7 +137,7 @@ def class_image_transfer(runs: list[Run], labels: list[str], device: torch.devic
             pixels = torch.tensor(z["class"]) if "class" in z.files else None
         if pixels is None or not len(made):
             continue
-        pixels = pixels[made["image"].to_numpy()]
+        pixels = pixels[torch.from_numpy(made["image"].to_numpy(np.int64, copy=True))]
         shape = (pixels.shape[1], pixels.shape[-1])
         for other, (model, mean, std, takes) in judges.items():
             if other == label or takes != shape:
@@ -141,6 +150,55 @@ def class_image_transfer(runs: list[Run], labels: list[str], device: torch.devic
                                                                                     "float64", "int64", "bool"])})
     out = pd.concat(rows, ignore_index=True)[TRANSFER_COLUMNS]
     return out.astype({"maker": "string", "judge": "string"})
+
+
+CONCEPT_COLUMNS = ["run_a", "layer_a", "run_b", "layer_b", "concept_a", "concept_b", "corr"]
+
+
+def concept_matches(runs: list[Run], labels: list[str]) -> pd.DataFrame:
+    """The concepts of every pair of runs matched one to one (:func:`probe.concepts.match_by_coefficients`): the
+    Pearson correlation, over the images both concepts stages analysed, of each concept's spatial mean coefficient
+    per image (``concepts/concepts.npz``'s ``image_mean``). The cosine of two networks' concept directions would
+    mean nothing: their channels are different axes. Runs whose concepts stage is missing or stale, or ran on other
+    images (``data.split``, ``data.limit``), are left out of the pairs they would make."""
+    from probe.concepts import match_by_coefficients
+    from probe.pipeline.rundir import stale
+
+    banks = {}
+    for r, label in zip(runs, labels):
+        npz, m = r.path / "concepts" / "concepts.npz", r.path / "concepts" / "metrics.json"
+        if not (npz.is_file() and m.is_file()):
+            continue
+        reason = stale(r.path, "concepts")
+        if reason:
+            log.warning("compare: %s; its concepts are not matched", reason)
+            continue
+        meta = json.loads(m.read_text())
+        with np.load(npz) as z:
+            banks[label] = ((meta.get("split"), meta.get("limit")), meta["layer"], z["image_mean"], z["labels"])
+    rows = []
+    for a, b in combinations(banks, 2):
+        (images_a, layer_a, U_a, y_a), (images_b, layer_b, U_b, y_b) = banks[a], banks[b]
+        if images_a != images_b or not np.array_equal(y_a, y_b):
+            log.warning("compare: the concepts of %s and %s were found on different images; not matched", a, b)
+            continue
+        m = match_by_coefficients(U_a, U_b)
+        rows.append(pd.DataFrame({"run_a": a, "layer_a": layer_a, "run_b": b, "layer_b": layer_b,
+                                  "concept_a": m.pairs[:, 0], "concept_b": m.pairs[:, 1], "corr": m.scores}))
+    if not rows:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(CONCEPT_COLUMNS, ["string"] * 4 + ["int64"] * 2 + ["float64"])})
+    out = pd.concat(rows, ignore_index=True)[CONCEPT_COLUMNS]
+    return out.astype({c: "string" for c in CONCEPT_COLUMNS[:4]} | {"concept_a": "int64", "concept_b": "int64"})
+
+
+def concept_shares(matches: pd.DataFrame, threshold: float) -> dict:
+    """Per pair ``"a~b"``: the share of the smaller bank's concepts whose partner correlates above ``threshold``,
+    ``k`` of ``n`` with Wilson's interval."""
+    out = {"threshold": threshold}
+    for (a, b), g in matches.groupby(["run_a", "run_b"], sort=False):
+        k = int((g["corr"] > threshold).sum())
+        out[f"{a}~{b}"] = proportion_interval(k, len(g)).to_dict() | {"k": k}
+    return out
 
 
 def check_same_images(runs: list[Run], labels: list[str]) -> None:

@@ -36,7 +36,9 @@ arXiv:2211.10154), on the run's analysed split (``data.split``, ``data.limit``),
   ``stability_threshold``, 0.8), with Wilson's interval.
 
 The split is streamed twice (the sample for the fit, then the coefficients of every image); per image only
-the mean, maximum and arg-maximum of each concept's coefficients are kept, never the maps.
+the mean, maximum and arg-maximum of each concept's coefficients are kept, never the maps. The means are
+written (``image_mean``, with the images' ``labels``): ``probe compare`` matches the concepts of two runs by their
+correlation over the same images (:func:`probe.concepts.match_by_coefficients`).
 
 Outputs: ``concepts.npz`` (:func:`write_outputs`), ``concepts.parquet`` (one row per concept and class:
 :data:`CONCEPT_COLUMNS`), ``top.parquet`` (one row per concept and rank: :data:`TOP_COLUMNS`), ``metrics.json``
@@ -322,7 +324,8 @@ def run(cfg: ConceptsStage) -> Path:
     ks = curve_ks(c.ks, channels, len(A))
     curve = k_curve(A, ks, seed=seed) if ks else np.zeros(0)
 
-    metrics = {"layer": layer, "k": c.k, "channels": channels, "map": [h, w], "images": len(ctx.dataset),
+    metrics = {"layer": layer, "k": c.k, "channels": channels, "map": [h, w], "split": cfg.data.split,
+               "limit": cfg.data.limit, "images": len(ctx.dataset),
                "max_samples": c.max_samples, "rows_seen": int(sample.seen), "rows_kept": len(A),
                "reconstruction_error": relative_error(A, concepts.U, concepts.W),
                "reconstruction_error_all": summary.relative_error,
@@ -330,7 +333,8 @@ def run(cfg: ConceptsStage) -> Path:
                "importance": {"images": len(imp_index), "n_designs": c.n_designs}}
     if c.stability:
         metrics["stability"] = stability(A, c, seed)
-    arrays = {"W": concepts.W, "heatmaps": heatmaps, "probe_index": np.asarray(ctx.probe_index, np.int64),
+    arrays = {"W": concepts.W, "image_mean": summary.mean.astype(np.float32), "labels": ctx.labels.astype(np.int64),
+              "heatmaps": heatmaps, "probe_index": np.asarray(ctx.probe_index, np.int64),
               "probe_labels": ctx.probe_y.numpy().astype(np.int64),
               "probe_images": ctx.data.denormalize(ctx.probe_x).clamp(0, 1).numpy().astype(np.float32),
               "top_crops": crops, "top_boxes": boxes, "k_curve_ks": np.asarray(ks, np.int64),

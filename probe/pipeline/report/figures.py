@@ -94,10 +94,11 @@ def minmax(x: np.ndarray, axes=(-2, -1)) -> np.ndarray:
     return (x - lo) / np.where(hi - lo > 0, hi - lo, 1)
 
 
-def heat_overlay(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
-    """Grey images ``(N, C, H, W)`` in [0, 1] under a red heat map of ``maps`` ``(N, H, W)`` -> ``(N, 3, H, W)``."""
+def heat_overlay(images: np.ndarray, maps: np.ndarray, peak: float | None = None) -> np.ndarray:
+    """Grey images ``(N, C, H, W)`` in [0, 1] under a red heat map of ``maps`` ``(N, H, W)`` -> ``(N, 3, H, W)``:
+    each map scaled to [0, 1] on its own, or (``peak``) ``|map| / peak`` for all alike (a weak map stays faint)."""
     grey = images.mean(1)
-    heat = minmax(np.abs(maps))
+    heat = minmax(np.abs(maps)) if peak is None else np.clip(np.abs(maps) / (peak or 1.0), 0, 1)
     r = np.clip(0.6 * grey + heat, 0, 1)
     g = 0.6 * grey * (1 - heat) + 0.3 * heat
     b = 0.6 * grey * (1 - heat)

@@ -15,6 +15,7 @@ from probe.pipeline.report import layers as L
 from probe.pipeline.report import sections, training
 from probe.pipeline.report.collect import RunData, differing_keys, load_runs
 from probe.pipeline.report.comparison import comparison
+from probe.pipeline.report.concepts import concepts as concepts_section
 from probe.pipeline.report.config import ReportStage
 from probe.pipeline.report.figures import image_uri, palette
 from probe.pipeline.report.pages import page, render_site, unique_slugs, write_site
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # analysis pages: file, title, the section builders drawn on it
 ANALYSES = (("activations.html", "Activations"), ("saliency.html", "Saliency"), ("synthesis.html", "Synthesis"),
-            ("geometry.html", "Geometry"), ("baseline.html", "Trained vs random"), ("sweeps.html", "Sweeps"))
+            ("geometry.html", "Geometry"), ("concepts.html", "Concepts"), ("baseline.html", "Trained vs random"),
+            ("sweeps.html", "Sweeps"))
 
 
 def untrained_of(runs):
@@ -191,8 +193,9 @@ def render(cfg: ReportStage) -> tuple[dict[str, bytes], dict]:
         (ANALYSES[1], [sections.saliency(runs, colours, cfg.images)]),
         (ANALYSES[2], [sections.synthesis(runs, transferred)]),
         (ANALYSES[3], [sections.geometry(runs, colours)]),
-        (ANALYSES[4], [sections.baseline(runs)]),
-        (ANALYSES[5], [sections.sweeps(runs, colours)]),
+        (ANALYSES[4], [concepts_section(runs, cfg.comparison)]),
+        (ANALYSES[5], [sections.baseline(runs)]),
+        (ANALYSES[6], [sections.sweeps(runs, colours)]),
     ]
     analyses_parts = [(a, [p for p in parts if p is not None]) for a, parts in analyses_parts]
     parts = [p for _, ps in analyses_parts for p in ps] + ([comp] if comp else [])

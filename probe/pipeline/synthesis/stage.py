@@ -114,8 +114,10 @@ class Prior:
     basis: PixelBasis | None = None
 
 
-def training_prior(ctx: Context, s: SynthesisConfig, size: int) -> Prior:
-    data, c = ctx.data, ctx.data.channels
+def training_prior(data, s: SynthesisConfig, size: int) -> Prior:
+    """The :class:`Prior` of ``data`` (a :class:`probe.data.Dataset`-like object: ``train``, ``mean``, ``std``,
+    ``channels``) for the parametrisations and regularisers ``s`` asks for, at ``size`` pixels."""
+    c = data.channels
     pixels = training_images(data.train, data.mean, data.std, (size, size), s.color_samples)
     color = color_sqrt(pixels) if s.param.decorrelate else torch.eye(c)
     prior = Prior(color, J.saturation_limit(J.saturation(pixels)))
@@ -147,11 +149,11 @@ def render_channels(ctx: Context, s: SynthesisConfig, layers: list[str], widths:
             units = [c for c in chunk for _ in range(k)]
             facets = [j for _ in chunk for j in range(k)]
             seeds = [stable_seed(seed, layer, c) if j == 0 else stable_seed(seed, layer, c, j) for c, j in zip(units, facets)]
-            param = _param(s.param, len(units), channels, size, prior, seeds, ctx.device)
+            param = image_param(s.param, len(units), channels, size, prior, seeds, ctx.device)
             objective = O.channel(layer, units, s.objective)
             if k > 1 and s.diversity.weight:
                 objective = objective - s.diversity.weight * O.diversity(s.diversity.layer or layer, k)
-            reg = _regularisers(s.reg, prior)
+            reg = penalties(s.reg, prior)
             if reg is not None:
                 objective = objective - reg
             res = render(model, objective, param, steps=s.steps, lr=s.lr, mean=ctx.data.mean, std=ctx.data.std,
@@ -177,10 +179,10 @@ def render_classes(ctx: Context, s: SynthesisConfig, size: int, prior: Prior, se
     score; or, with ``objective=log_prob``, its log-probability), with the probability the model assigns it."""
     c = s.class_images
     classes = select_indices("synthesis.class_images.classes", c.classes, ctx.data.num_classes)
-    param = _param(c.param, len(classes), ctx.data.channels, size, prior, [stable_seed(seed, "class", k) for k in classes],
+    param = image_param(c.param, len(classes), ctx.data.channels, size, prior, [stable_seed(seed, "class", k) for k in classes],
                    ctx.device)
     objective = O.class_logit(classes) if c.objective == "logit" else O.class_log_prob(classes)
-    reg = _regularisers(c.reg, prior)
+    reg = penalties(c.reg, prior)
     if reg is not None:
         objective = objective - reg
     log.info("synthesis: %d class images, %d steps", len(classes), c.steps)
@@ -248,6 +250,7 @@ def accentuate_exemplars(ctx: Context, s: SynthesisConfig, ch_rows: list[dict], 
 
 
 def _layer(ctx: Context, layer: str, pixels: torch.Tensor) -> torch.Tensor:
+    """``layer``'s output for ``pixels`` in [0, 1] (normalised as the model takes them), no gradients, on the CPU."""
     from probe.synthesis.render import Normalize
 
     with torch.no_grad(), frozen(ctx.run.model):
@@ -266,7 +269,7 @@ def render_dreams(ctx: Context, s: SynthesisConfig, layer: str, seed: int) -> tu
                                 seed=stable_seed(seed, "dream"), **kw)
     frames = (zoom_frames(model, dreams[:1], layer, frames=d.zoom_frames, zoom=d.zoom, steps=d.zoom_steps,
                           seed=stable_seed(seed, "zoom"), **kw)[:, 0] if d.zoom_frames else dreams[:0])
-    norm = lambda x: _dream_norm(model, layer, x, ctx)  # noqa: E731
+    norm = lambda x: O.deep_dream(layer)({layer: _layer(ctx, layer, x)}, x)  # noqa: E731
     before, after, zoomed = norm(src), norm(dreams), norm(frames) if len(frames) else torch.zeros(0)
     rows = [{"kind": "dream", "layer": layer, "class": int(ctx.probe_y[p]), "image": i, "objective": float(after[i]),
              "activation": float(after[i]), "dataset_activation": float(before[i]), "dataset_source": "probe_image",
@@ -278,22 +281,14 @@ def render_dreams(ctx: Context, s: SynthesisConfig, layer: str, seed: int) -> tu
     return rows, arrays
 
 
-def _dream_norm(model, layer, pixels, ctx) -> torch.Tensor:
-    from probe.synthesis.render import Normalize
-
-    with torch.no_grad(), frozen(model):
-        acts = forward_capture(model, Normalize(ctx.data.mean, ctx.data.std)(pixels), [layer])
-    return O.deep_dream(layer)(acts, pixels).cpu()
-
-
-def _param(p: ParamConfig, n: int, channels: int, size: int, prior: Prior, seeds: list[int], device) -> ImageParam:
+def image_param(p: ParamConfig, n: int, channels: int, size: int, prior: Prior, seeds: list[int], device) -> ImageParam:
     maco = p.kind == "maco"
     return ImageParam(n, channels, size, kind=p.kind, color=prior.color, decay_power=p.decay_power, init_sd=p.init_sd,
                       seeds=seeds, magnitude=prior.magnitude if maco else None, basis=prior.basis,
                       gain=prior.gain if maco else None, offset=prior.offset if maco else None, device=device)
 
 
-def _regularisers(reg: Regularisers, prior: Prior):
+def penalties(reg: Regularisers, prior: Prior):
     """The weighted penalties of ``reg`` (to subtract), or None."""
     terms = O.regularisers(reg.l1, reg.l2, reg.tv, reg.blur)
     if reg.prior:
@@ -445,7 +440,7 @@ def run(cfg: SynthesizeStage) -> Path:
     model = ctx.run.model
     size = s.image_size or ctx.data.image_size
     channels = ctx.data.channels
-    prior = training_prior(ctx, s, size)
+    prior = training_prior(ctx.data, s, size)
     layers = check_layers(model, s.layers, key="synthesis.layers") if s.layers else spaced_convs(model)
     dream_layer = s.dream.layer or middle_conv(model)
     widths = layer_widths(model, layers, channels, size, ctx.device) if layers else {}
