@@ -225,6 +225,16 @@ def test_head_from_layer_reproduces_model():
         head(torch.zeros(5, 6, 4, 4))
 
 
+def test_head_from_layer_explains_the_logit_before_a_final_log_softmax():
+    model, x = tiny_cnn(), torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with_softmax = nn.Sequential(OrderedDict([*model.named_children(), ("log_softmax", nn.LogSoftmax(dim=1))])).eval()
+    head = head_from_layer(with_softmax, "conv2", x[:1])
+    with torch.no_grad():
+        other = torch.randn(5, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+        assert torch.allclose(head(other), model[3:](other))  # the logits the LogSoftmax would take
+        assert not torch.allclose(head(other), with_softmax[3:](other))
+
+
 class SharedReLU(nn.Module):
     def __init__(self):
         super().__init__()

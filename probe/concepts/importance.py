@@ -23,6 +23,7 @@ from scipy.stats import qmc
 
 from probe.errors import ConfigError, NumericalError
 from probe.hooks import check_layers
+from probe.models.head import scores_model
 
 EPS = 1e-12  # floor of the output variance, as Xplique's
 
@@ -145,7 +146,9 @@ def sobol_importance(head: Callable[[torch.Tensor], torch.Tensor], U: torch.Tens
 
 
 def head_from_layer(model: nn.Module, layer: str, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The part of ``model`` after ``layer``, as a callable ``acts -> model output``.
+    """The part of ``model`` after ``layer``, as a callable ``acts -> class scores``: the logits, before a final
+    (log-)softmax (:func:`probe.models.head.scores_model`), as every score probe explains. A log-probability near 0
+    barely varies under the masks, and the ratio of Jansen's estimator becomes unstable (indices far above 1).
 
     Calling it runs ``model`` on ``example`` with a forward hook on ``model.get_submodule(layer)`` that returns
     (a clone of) ``acts`` in place of the layer's output, so everything after the layer sees ``acts``.
@@ -160,8 +163,9 @@ def head_from_layer(model: nn.Module, layer: str, example: torch.Tensor) -> Call
     Raises :class:`probe.errors.LayerNotFound` naming ``layer``, the closest name and the valid ones.
     """
     check_layers(model, [layer], key="layer")
-    module = model.get_submodule(layer)
     example = torch.as_tensor(example)
+    model = scores_model(model, example[:1])
+    module = model.get_submodule(layer)
 
     def head(acts: torch.Tensor) -> torch.Tensor:
         n = acts.shape[0]

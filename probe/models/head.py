@@ -51,3 +51,17 @@ def logits_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
     if softmax_head(trace_forward(m, example[:1])) is not None:
         m.forward = types.MethodType(_logits_forward, m)
     return m
+
+
+def scores_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model`` itself when it returns class scores, else :func:`probe.models.head.logits_model`'s copy
+    that returns the logits its final (log-)softmax takes (same module names, so hooks by name work).
+
+    Class-model images maximise the unnormalised class score (Simonyan et al. 2014, section 2); the
+    head is found from the forward pass (:func:`probe.models.head.softmax_head`), so a softmax that is a
+    module, a functional call or a method all count. ``example``: an input batch ``(N, C, H, W)``.
+    """
+    with torch.no_grad():
+        if softmax_head(trace_forward(model, example[:1])) is None:
+            return model
+    return logits_model(model, example[:1])

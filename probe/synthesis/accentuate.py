@@ -18,7 +18,8 @@ import torch.nn as nn
 from probe.synthesis import objectives as O
 from probe.synthesis.objectives import LOGITS, Objective
 from probe.synthesis.param import ImageParam
-from probe.synthesis.render import Normalize, RenderResult, forward_capture, frozen, render, scores_model
+from probe.models.head import scores_model
+from probe.synthesis.render import Normalize, RenderResult, forward_capture, frozen, render
 from probe.synthesis.transform import Transforms
 
 

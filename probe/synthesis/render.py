@@ -17,19 +17,18 @@ import torch.nn as nn
 
 from probe.errors import NumericalError
 from probe.hooks import check_layers, layer_outputs, model_device
-from probe.models.head import logits_model, softmax_head
+from probe.models.head import scores_model
 from probe.synthesis import objectives
 from probe.synthesis.objectives import LOGITS, Objective
 from probe.synthesis.param import ImageParam
 from probe.synthesis.transform import Transforms
-from probe.trace import trace_forward
 
 
 def forward_capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
     """Outputs of ``layers`` for input ``x``, with autograd (:func:`probe.hooks.layer_outputs`); ``"logits"``
     (:data:`LOGITS`) is the model's output.
 
-    For class scores ``model`` must return them: :func:`scores_model` (what :func:`render` uses) turns a
+    For class scores ``model`` must return them: :func:`probe.models.head.scores_model` (what :func:`render` uses) turns a
     model ending in a (log-)softmax into one that returns the logits before it. The forward pass
     stops as soon as every requested layer is captured, unless logits are needed. Raises RuntimeError
     naming the layers that produced no tensor output.
@@ -42,20 +41,6 @@ def forward_capture(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) ->
     if out is not None:
         acts[LOGITS] = out
     return acts
-
-
-def scores_model(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """``model`` itself when it returns class scores, else :func:`probe.models.head.logits_model`'s copy
-    that returns the logits its final (log-)softmax takes (same module names, so hooks by name work).
-
-    Class-model images maximise the unnormalised class score (Simonyan et al. 2014, section 2); the
-    head is found from the forward pass (:func:`probe.models.head.softmax_head`), so a softmax that is a
-    module, a functional call or a method all count. ``example``: an input batch ``(N, C, H, W)``.
-    """
-    with torch.no_grad():
-        if softmax_head(trace_forward(model, example[:1])) is None:
-            return model
-    return logits_model(model, example[:1])
 
 
 class _RedirectedReLUFn(torch.autograd.Function):
@@ -148,7 +133,7 @@ def render(model: nn.Module, objective: Objective, param: ImageParam, *, steps: 
     looked. ``labels[i]`` names image ``i`` in error messages ("layer conv1 channel 3"). A non-finite
     objective raises :class:`NumericalError` (``on_nan="error"``) or freezes that image at its last
     finite parameters and records the step (``on_nan="skip"``). An objective on :data:`LOGITS` sees the
-    class scores before a final (log-)softmax (:func:`scores_model`); ``acts[LOGITS]`` holds them.
+    class scores before a final (log-)softmax (:func:`probe.models.head.scores_model`); ``acts[LOGITS]`` holds them.
     """
     transforms = transforms or Transforms.off()
     norm = Normalize(mean, std)

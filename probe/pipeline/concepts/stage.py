@@ -59,7 +59,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from probe.activations.exemplars import crop_boxes, crop_images
-from probe.synthesis.render import scores_model
 from probe.activations.pictures import tile, upscale
 from probe.concepts import (ActivationSample, Concepts, activation_rows, fit_concepts, head_from_layer, k_curve,
                             relative_error, sobol_importance, split_halves_stability)
@@ -228,10 +227,9 @@ def importance_indices(labels: np.ndarray, probe_index: np.ndarray, per_class: i
 def class_importance(ctx: Context, layer: str, concepts: Concepts, index: np.ndarray, n_designs: int, seed: int,
                      batch_size: int, num_classes: int) -> np.ndarray:
     """``(classes, k)`` CRAFT's total Sobol index of each concept for the true class's logit (the score before a
-    final (log-)softmax, :func:`probe.synthesis.render.scores_model`: a log-probability near 0 barely varies and
-    makes the estimator's ratio unstable), by masking the concept coefficients of the images ``index`` in the
-    layer (Sec. 3.2); the mean over each class's images, NaN for a class without any."""
-    model = scores_model(ctx.run.model, ctx.probe_x[:1].to(ctx.device))
+    final (log-)softmax, :func:`probe.concepts.head_from_layer`), by masking the concept coefficients of the images
+    ``index`` in the layer (Sec. 3.2); the mean over each class's images, NaN for a class without any."""
+    model = ctx.run.model
     x = torch.stack([ctx.dataset[int(i)][0] for i in index])
     acts = torch.cat([layer_maps(model, x[i:i + batch_size].to(ctx.device), layer)
                       for i in range(0, len(x), batch_size)])

@@ -142,11 +142,13 @@ def _matching_blocks(s: dict, runs: list[RunData], have: list[RunData], folder: 
                               f"same images; matched above {threshold}: k of n with Wilson's interval", pd.DataFrame(rows)))
     for a, b, u, c in seed_versus_untrained(runs, shares):
         words = verdict(c, "more shared with the other seed", "more shared with the untrained twin", "not distinguishable")
-        s["blocks"].append({"kind": "text", "text": f"{a.label} shares {shares['~'.join(sorted((a.label, b.label)))]['k']} "
-                            f"concepts with the other seed {b.label} and {shares['~'.join(sorted((a.label, u.label)))]['k']} "
-                            f"with its untrained twin {u.label}: {words} (difference of shares {fmt_comparison(c)}, "
-                            "Fisher's exact test, Holm-adjusted)."})
-        s["claims"].append(claim("concepts", a.label, f"concepts shared with {b.label} against with {u.label}", words, c))
+        seed, rand = (shares["~".join(sorted((a.label, o.label)))] for o in (b, u))
+        s["blocks"].append({"kind": "text", "text": f"{a.label} shares {seed['k']} of {seed['n']} concepts with the other "
+                            f"seed {b.label} and {rand['k']} of {rand['n']} with its untrained twin {u.label}: {words} "
+                            f"(difference of shares {fmt_comparison(c)}, Fisher's exact test, Holm-adjusted)."})
+        s["claims"].append(claim("concepts", a.label, f"concepts shared with {b.label} against with {u.label}", words, c,
+                                 layer=a.metrics["concepts"]["layer"], seed_run=b.label, seed_share=seed,
+                                 untrained_run=u.label, untrained_share=rand, threshold=threshold))
     by_label = {r.label: r for r in have}
     for (a, b), g in t.groupby(["run_a", "run_b"], sort=False):
         ra, rb = by_label.get(a), by_label.get(b)

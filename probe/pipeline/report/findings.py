@@ -140,6 +140,17 @@ def findings(runs: list[RunData], parts: list[dict], comparison_metrics: dict | 
                                 + (f"at the unit's peak, {_kn(peak)} channel images out-activate the best dataset image "
                                    f"({fmt_estimate(peak)})." if is_estimate(peak) else ""),
                                 "synthesis/metrics.json"))
+    shared = next((c for c in claims if c["section"] == "concepts" and "seed_share" in c), None)
+    if shared:
+        halves = next((c["stat"] for c in claims if c["section"] == "concepts" and c["run"] == shared["run"]
+                       and "two halves" in c["subject"]), None)
+        out.append(_finding(f"Concepts (CRAFT, {shared['run']}'s {shared['layer']}): {_kn(shared['seed_share'])} have a "
+                            f"partner in the other seed {shared['seed_run']} ({fmt_estimate(shared['seed_share'])}) and "
+                            f"{_kn(shared['untrained_share'])} in its untrained twin {shared['untrained_run']} "
+                            f"({fmt_estimate(shared['untrained_share'])}), coefficients correlating above "
+                            f"{shared['threshold']} on the same images: {shared['statement']}, {fmt_comparison(shared['stat'])}"
+                            + (f"; {_kn(halves)} are found again in the other half of the data." if is_estimate(halves) else "."),
+                            "comparisons concepts.parquet, concepts/metrics.json"))
     _, pooled, per_maker = transferred or (None, None, {})
     if pooled:
         out.append(_finding(f"The other trained runs recognise {_kn(pooled)} of the trained runs' class images "

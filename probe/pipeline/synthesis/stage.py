@@ -189,7 +189,7 @@ def render_classes(ctx: Context, s: SynthesisConfig, size: int, prior: Prior, se
     res = render(ctx.run.model, objective, param, steps=c.steps, lr=c.lr, mean=ctx.data.mean, std=ctx.data.std,
                  transforms=_transforms(s, size), seed=stable_seed(seed, "class"), redirect_relu_steps=s.redirect_relu_steps,
                  on_nan=s.on_nan, labels=[f"class {k} ({ctx.data.classes[k]})" for k in classes])
-    logits = res.acts[O.LOGITS]  # the scores before a final (log-)softmax (render.scores_model)
+    logits = res.acts[O.LOGITS]  # the scores before a final (log-)softmax (probe.models.head.scores_model)
     prob = torch.softmax(logits.double(), dim=1)
     rows = [{"kind": "class", "layer": O.LOGITS, "class": k, "image": i, "objective_name": objective.name,
              "objective": float(res.objective[i]),
