@@ -531,6 +531,53 @@ def test_class_image_transfer_is_counted_over_pairs_of_distinct_trained_runs(tmp
     assert empty.empty and none is None and nobody == {}
 
 
+def test_concepts_shared_with_a_seed_and_with_the_untrained_twin_are_compared_and_stated(tmp_path):
+    """Two seeds and an untrained twin: each trained run's share of concepts matched in the other seed against its
+    share in the untrained run, Fisher's exact test with Holm over both (recomputed here with scipy), and the
+    finding that quotes them; a run retrained since the comparison drops out of every pair."""
+    from probe.pipeline.report import findings as F
+    from probe.pipeline.report.concepts import concepts, matches, seed_versus_untrained
+    from probe.pipeline.rundir import weights_digest
+
+    runs = {"a": (0, 20), "b": (1, 20), "u": (0, 0)}
+    for name, (seed, epochs) in runs.items():
+        d = _run_dir(tmp_path, name, seed=seed, epochs=epochs, stage_metrics={"concepts": {
+            "layer": "conv2", "k": 10, "channels": 16, "images": 100, "rows_seen": 10000, "rows_kept": 5000,
+            "reconstruction_error": 0.1, "reconstruction_error_all": 0.12, "k_curve": {"2": 0.5, "10": 0.1},
+            "stability": {**proportion_interval(9, 10).to_dict(), "k": 9, "threshold": 0.8}}})
+        (d / "model.safetensors").write_bytes(name.encode())
+    corr = {"a~b": [0.95] * 8 + [0.5] * 2, "a~u": [0.9] * 2 + [0.3] * 8, "b~u": [0.85] * 3 + [0.2] * 7}
+    rows = [{"run_a": p.split("~")[0], "layer_a": "conv2", "run_b": p.split("~")[1], "layer_b": "conv2",
+             "concept_a": i, "concept_b": i, "corr": c} for p, cs in corr.items() for i, c in enumerate(cs)]
+    comp = tmp_path / "comparisons"
+    comp.mkdir()
+    pd.DataFrame(rows).to_parquet(comp / "concepts.parquet", index=False)
+    shares = {p: {**proportion_interval(sum(c > 0.8 for c in cs), 10).to_dict(), "k": sum(c > 0.8 for c in cs)}
+              for p, cs in corr.items()}
+    (comp / "metrics.json").write_text(json.dumps({"weights_sha256": {n: weights_digest(tmp_path / n) for n in runs},
+                                                   "concepts_matched": {"threshold": 0.8, **shares}}))
+    loaded = load_runs([tmp_path / n for n in runs])
+    found = seed_versus_untrained(loaded, shares)
+    assert [(a.label, b.label, u.label) for a, b, u, _ in found] == [("a", "b", "u"), ("b", "a", "u")]
+    p = [stats.fisher_exact([[8, 2], [k, 10 - k]]).pvalue for k in (2, 3)]
+    holm = sorted(p)[0] * 2, max(sorted(p)[0] * 2, sorted(p)[1])
+    assert found[0][3]["p_adjusted"] == pytest.approx(holm[int(p[0] > p[1])])
+    assert found[0][3]["effect"] == pytest.approx(0.6) and found[1][3]["effect"] == pytest.approx(0.5)
+    s = concepts(loaded, str(comp))
+    shared = next(b for b in s["blocks"] if b["kind"] == "table" and b["caption"].startswith("Concepts shared"))
+    assert [r[2].split(":")[0] for r in shared["rows"]] == ["8 of 10", "2 of 10", "3 of 10"]
+    text = next(f["text"] for f in F.findings(loaded, [s], None) if f["text"].startswith("Concepts"))
+    # stated for b, whose untrained twin u is not its own initialisation (u and a share seed 0)
+    assert text.startswith("Concepts (CRAFT, b's conv2): 8 of 10 have a partner in the other seed a")
+    assert "3 of 10 in the untrained u (" in text and "9 of 10 are found again in the other half" in text
+    said = [b["text"] for b in s["blocks"] if b["kind"] == "text"]
+    assert any(t.startswith("a shares 8 of 10") and "u (its own initial weights: the same seed)" in t for t in said)
+    assert any(t.startswith("b shares 8 of 10") and "with its untrained twin u:" in t for t in said)
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"retrained")
+    t, kept = matches(load_runs([tmp_path / n for n in runs]), str(comp))
+    assert set(zip(t.run_a, t.run_b)) == {("a", "u")} and set(kept) == {"threshold", "a~u"}
+
+
 def test_synthesis_tables_keep_their_rows_beside_the_image_grids(complete_runs):
     """The out-activation table has a row per run and layer of text and intervals (an image grid built in the same
     loop once replaced its rows), and the accentuations sit beside their exemplars."""

@@ -16,5 +16,5 @@ from probe.concepts.importance import head_from_layer, jansen_total, sobol_desig
 from probe.concepts.stability import Matching, match_by_coefficients, match_concepts, split_halves_stability
 
 __all__ = ["ActivationSample", "Concepts", "Matching", "activation_rows", "fit_concepts", "head_from_layer",
-           "jansen_total", "k_curve", "match_by_coefficients", "match_concepts", "relative_error", "sobol_design", "sobol_importance",
-           "split_halves_stability"]
+           "jansen_total", "k_curve", "match_by_coefficients", "match_concepts", "relative_error", "sobol_design",
+           "sobol_importance", "split_halves_stability"]

@@ -40,9 +40,11 @@ the mean, maximum and arg-maximum of each concept's coefficients are kept, never
 written (``image_mean``, with the images' ``labels``): ``probe compare`` matches the concepts of two runs by their
 correlation over the same images (:func:`probe.concepts.match_by_coefficients`).
 
-Outputs: ``concepts.npz`` (:func:`write_outputs`), ``concepts.parquet`` (one row per concept and class:
-:data:`CONCEPT_COLUMNS`), ``top.parquet`` (one row per concept and rank: :data:`TOP_COLUMNS`), ``metrics.json``
-(:func:`summary_metrics`) and ``top_crops.png``. Same config and seed: the same bytes.
+Outputs: ``concepts.npz`` (``W``, ``image_mean``, ``labels``, the probe images and their ``heatmaps``, ``top_crops``
+and ``top_boxes``, ``presence``, ``importance`` and the images it was computed on, the k-curve),
+``concepts.parquet`` (one row per concept and class: :data:`CONCEPT_COLUMNS`), ``top.parquet`` (one row per concept
+and rank: :data:`TOP_COLUMNS`), ``metrics.json`` (the fit, the k-curve, stability) and ``top_crops.png``. Same
+config and seed: the same bytes.
 """
 
 from __future__ import annotations

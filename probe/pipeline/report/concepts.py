@@ -29,7 +29,7 @@ from probe.uncertainty import adjust, proportions_comparison
 
 CROPS = 8  # top crops shown per concept
 HEATMAP_CONCEPTS = 3  # concepts shown on the probe images: the most important ones
-MATCHED_SHOWN = 5  # matched pairs shown with their crops, per pair of trained runs
+MATCHED_SHOWN = 5  # matched concepts shown with their crops, per pair of trained runs
 
 
 def _class_name(r: RunData, c: int) -> str:
@@ -49,7 +49,7 @@ def matches(runs: list[RunData], folder: str | None) -> tuple[pd.DataFrame, dict
         return pd.DataFrame(), {}
     metrics = json.loads((Path(folder) / "metrics.json").read_text())
     recorded = metrics.get("weights_sha256", {})
-    labels = {r.label for r in runs if recorded.get(r.label) == weights_digest(r.path)}
+    labels = {r.label for r in runs if (r.path / "model.safetensors").is_file() and recorded.get(r.label) == weights_digest(r.path)}
     t = pd.read_parquet(path)
     t = t[t["run_a"].isin(labels) & t["run_b"].isin(labels)]
     shares = metrics.get("concepts_matched", {})
@@ -108,25 +108,29 @@ def concepts(runs: list[RunData], folder: str | None) -> dict:
                               pd.DataFrame(fit_rows)))
     curve = pd.DataFrame(curve_rows)
     if len(curve) and curve.groupby("run")["k"].nunique().max() > 1:
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = plt.subplots(figsize=(8, 3.6))
         sns.lineplot(curve, x="k", y="relative error", hue="run", marker="o", ax=ax)
         ax.set_ylim(0, max(1.0, float(curve["relative error"].max()) * 1.05))
         ax.set_title("Reconstruction error against the number of concepts (choose k)")
         ax.set_xlabel("concepts k")
+        ax.legend(title="run", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         s["blocks"].append(_figure("The k-curve: relative reconstruction error of the fit for each k", fig))
-    _matching_blocks(s, runs, have, folder)
+    strips = _matching_blocks(s, runs, have, folder)
     for r in have:
         _run_blocks(s, r)
+    s["blocks"].extend(strips)
     return s
 
 
-def _matching_blocks(s: dict, runs: list[RunData], have: list[RunData], folder: str | None) -> None:
+def _matching_blocks(s: dict, runs: list[RunData], have: list[RunData], folder: str | None) -> list[dict]:
+    """The table of shared concepts and the seed-against-untrained sentences (added to ``s``); returned: for each
+    pair of trained runs, its concepts matched above the threshold, their top crops side by side."""
     t, shares = matches(have, folder)
     if not len(t):
         if len(have) > 1:
             s["blocks"].append({"kind": "text", "text": "The concepts are not matched across runs: the report was given "
                                 "no comparison with concepts (run probe compare after probe concepts)."})
-        return
+        return []
     threshold = shares.get("threshold", 0.8)
     rows = []
     for (a, b), g in t.groupby(["run_a", "run_b"], sort=False):
@@ -143,27 +147,32 @@ def _matching_blocks(s: dict, runs: list[RunData], have: list[RunData], folder: 
     for a, b, u, c in seed_versus_untrained(runs, shares):
         words = verdict(c, "more shared with the other seed", "more shared with the untrained twin", "not distinguishable")
         seed, rand = (shares["~".join(sorted((a.label, o.label)))] for o in (b, u))
+        same = " (its own initial weights: the same seed)" if a.card.get("seed") == u.card.get("seed") else ""
         s["blocks"].append({"kind": "text", "text": f"{a.label} shares {seed['k']} of {seed['n']} concepts with the other "
-                            f"seed {b.label} and {rand['k']} of {rand['n']} with its untrained twin {u.label}: {words} "
-                            f"(difference of shares {fmt_comparison(c)}, Fisher's exact test, Holm-adjusted)."})
+                            f"seed {b.label} and {rand['k']} of {rand['n']} with its untrained twin {u.label}{same}: "
+                            f"{words} (difference of shares {fmt_comparison(c)}, Fisher's exact test, Holm-adjusted)."})
         s["claims"].append(claim("concepts", a.label, f"concepts shared with {b.label} against with {u.label}", words, c,
                                  layer=a.metrics["concepts"]["layer"], seed_run=b.label, seed_share=seed,
-                                 untrained_run=u.label, untrained_share=rand, threshold=threshold))
-    by_label = {r.label: r for r in have}
+                                 untrained_run=u.label, untrained_share=rand, threshold=threshold, same_init=bool(same)))
+    by_label, strips = {r.label: r for r in have}, []
     for (a, b), g in t.groupby(["run_a", "run_b"], sort=False):
         ra, rb = by_label.get(a), by_label.get(b)
         if ra is None or rb is None or untrained(ra) or untrained(rb):
             continue
         za, zb = ra.arrays("concepts", "concepts"), rb.arrays("concepts", "concepts")
+        if za is None or zb is None:
+            continue
         cells = []
-        for row in g.sort_values("corr", ascending=False).head(MATCHED_SHOWN).itertuples():
+        for row in g[g["corr"] > threshold].sort_values("corr", ascending=False).head(MATCHED_SHOWN).itertuples():
             i, j = int(row.concept_a), int(row.concept_b)
             cells.append([{"text": f"{a} #{i} ↔ {b} #{j}: r = {num(float(row.corr), 2)}"}]
                          + [_crop(c, "", f"{a} concept {i} crop") for c in za["top_crops"][i][:4]]
                          + [{"text": "↔"}]
                          + [_crop(c, "", f"{b} concept {j} crop") for c in zb["top_crops"][j][:4]])
-        s["blocks"].append({"kind": "images", "caption": f"{a} and {b}: their best-matched concepts, the top crops of "
-                            "each side by side", "columns": [], "rows": cells})
+        if cells:
+            strips.append({"kind": "images", "caption": f"{a} and {b}: concepts matched above {threshold} (at most "
+                           f"{MATCHED_SHOWN}, best first), the top crops of each side by side", "columns": [], "rows": cells})
+    return strips
 
 
 def _run_blocks(s: dict, r: RunData) -> None:

@@ -140,13 +140,16 @@ def findings(runs: list[RunData], parts: list[dict], comparison_metrics: dict | 
                                 + (f"at the unit's peak, {_kn(peak)} channel images out-activate the best dataset image "
                                    f"({fmt_estimate(peak)})." if is_estimate(peak) else ""),
                                 "synthesis/metrics.json"))
-    shared = next((c for c in claims if c["section"] == "concepts" and "seed_share" in c), None)
+    # the fair null first: an untrained network that is not the run's own initialisation
+    shared = sorted((c for c in claims if c["section"] == "concepts" and "seed_share" in c), key=lambda c: c["same_init"])
+    shared = shared[0] if shared else None
     if shared:
         halves = next((c["stat"] for c in claims if c["section"] == "concepts" and c["run"] == shared["run"]
                        and "two halves" in c["subject"]), None)
         out.append(_finding(f"Concepts (CRAFT, {shared['run']}'s {shared['layer']}): {_kn(shared['seed_share'])} have a "
                             f"partner in the other seed {shared['seed_run']} ({fmt_estimate(shared['seed_share'])}) and "
-                            f"{_kn(shared['untrained_share'])} in its untrained twin {shared['untrained_run']} "
+                            f"{_kn(shared['untrained_share'])} in the untrained {shared['untrained_run']}"
+                            + (" (its own initial weights)" if shared["same_init"] else "") + " "
                             f"({fmt_estimate(shared['untrained_share'])}), coefficients correlating above "
                             f"{shared['threshold']} on the same images: {shared['statement']}, {fmt_comparison(shared['stat'])}"
                             + (f"; {_kn(halves)} are found again in the other half of the data." if is_estimate(halves) else "."),
