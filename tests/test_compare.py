@@ -211,7 +211,7 @@ def test_the_concepts_page_states_each_match_with_its_interval(runs, tmp_path):
     claims = [x for x in numbers["claims"] if x["section"] == "concepts" and "partner in" in x["subject"]]
     assert {(x["run"], x["stat"]["k"]) for x in claims} >= {("a", 3)}
     html = (out / "default" / "concepts.html").read_text()
-    assert "a and a_perm: their best-matched concepts" in html
+    assert "a and a_perm: concepts matched above 0.8" in html
     # each run's importance table is its concepts.npz, class by class
     z = np.load(root / "a" / "concepts" / "concepts.npz")
     imp = next(t for t in numbers["tables"]["concepts"] if t["caption"].startswith("a: importance"))
